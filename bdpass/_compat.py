@@ -1,0 +1,157 @@
+"""Every private torch internal that bdpass touches, in one place.
+
+torch moves these between releases; supported range: torch 2.11 (the GPU image) up to
+the newest PyPI release. Anything version-dependent is resolved here so that the rest
+of the package uses plain functions.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+TORCH_VERSION = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+
+
+# ----------------------------------------------------------------------------- sources
+def source_name(source: Any) -> str | None:
+    """Dynamo's textual name of a source (a property in newer torch, a method before)."""
+    if source is None:
+        return None
+    name = getattr(source, "name", None)
+    if callable(name):
+        name = name()
+    return name if isinstance(name, str) else None
+
+
+def placeholder_source(node: torch.fx.Node) -> Any:
+    """The Dynamo source of a placeholder node, or None."""
+    ga = node.meta.get("grapharg")
+    if ga is not None and getattr(ga, "source", None) is not None:
+        return ga.source
+    return getattr(node, "_dynamo_source", None)
+
+
+_TOKEN = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(-?\d+))\]|\.([A-Za-z_]\w*)")
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+
+
+def qualified_name(source_text: str | None) -> str | None:
+    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` ->
+    ``layers.0.weight``. A root other than ``self`` is kept as the first component."""
+    if not source_text:
+        return None
+    m = re.match(r"^[LG]\[(?:'([^']*)'|\"([^\"]*)\")\]", source_text)
+    if m:
+        root = m.group(1) or m.group(2)
+        rest = source_text[m.end():]
+    else:
+        root, rest = None, source_text
+    parts = []
+    for a, b, c, d in _TOKEN.findall(rest):
+        tok = a or b or c or d
+        if tok in _CONTAINERS:
+            continue
+        parts.append(tok)
+    if root and root != "self":
+        parts.insert(0, root)
+    return ".".join(parts) if parts else root
+
+
+# ----------------------------------------------------------------------------- metadata
+def example_value(node: Any) -> Any:
+    """The (fake) value Dynamo recorded for a node, or None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    v = node.meta.get("example_value")
+    if v is None:
+        v = node.meta.get("val")
+    return v
+
+
+def detect_fake_mode(example_inputs: Sequence[Any]) -> Any:
+    from torch._guards import detect_fake_mode as _detect
+
+    return _detect(example_inputs)
+
+
+def size_hint(s: Any) -> int | None:
+    """Concrete value (or hint) of an int / SymInt; None if unknown."""
+    if isinstance(s, int):
+        return s
+    if isinstance(s, torch.SymInt):
+        try:
+            node = s.node
+            hint = node.hint if hasattr(node, "hint") else None
+            if hint is not None:
+                return int(hint)
+            return int(node.shape_env.size_hint(node.expr))
+        except Exception:
+            return None
+    return None
+
+
+def is_static_int(s: Any) -> bool:
+    if isinstance(s, int):
+        return True
+    if isinstance(s, torch.SymInt):
+        try:
+            return bool(s.node.is_constant()) or s.node.expr.is_number
+        except Exception:
+            return False
+    return False
+
+
+# ----------------------------------------------------------------------------- graphs
+def copy_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict]:
+    """A new GraphModule over a copy of ``gm``'s graph that AOTAutograd still accepts as
+    a Dynamo graph (meta, ``_param_name_to_source`` and placeholder sources carried).
+    Dynamo keeps using the original graph after the backend returns, so it must never
+    be mutated."""
+    g = torch.fx.Graph()
+    val_map: dict = {}
+    out = g.graph_copy(gm.graph, val_map)
+    g.output(out)
+    for old, new in val_map.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    new_gm = torch.fx.GraphModule(gm, g)
+    new_gm.meta.update(getattr(gm, "meta", {}))
+    if hasattr(gm, "_param_name_to_source"):
+        new_gm._param_name_to_source = gm._param_name_to_source
+    return new_gm, val_map
+
+
+def mark_new_placeholder(node: torch.fx.Node, value: torch.Tensor, fake_mode: Any) -> None:
+    """Metadata a placeholder added by bdpass needs: a fake example value, no Dynamo
+    source, and the 'static input' mark (weights: cudagraphs need not copy them)."""
+    node._dynamo_source = None
+    node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    node.meta["example_value"] = fake_mode.from_tensor(value, static_shapes=True) if fake_mode else value
+
+
+# ----------------------------------------------------------------------------- lowering
+def inductor_config_for_mode(mode: str | None) -> dict:
+    if not mode or mode == "default":
+        return {}
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode))
+
+
+def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], lowering: str,
+          mode: str | None = None, inductor_options: dict | None = None) -> Callable:
+    """Compile ``gm`` with the chosen lowering; returns an unboxed callable (``f(*args)``)."""
+    if lowering == "eager":
+        return gm.forward
+    if lowering == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, list(example_inputs))
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = inductor_config_for_mode(mode)
+    patches.update(inductor_options or {})
+    return compile_fx(gm, list(example_inputs), config_patches=patches or None)

@@ -1,0 +1,37 @@
+"""User-facing helpers around the backend."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from .backend import _active_collectors, bd_backend
+from .options import BDOptions
+from .report import Report
+
+
+@contextlib.contextmanager
+def collect_reports() -> Iterator[Report]:
+    """Collect the GraphReport of every graph the ``bd`` backend compiles inside the block."""
+    report = Report()
+    stack = _active_collectors()
+    stack.append(report)
+    try:
+        yield report
+    finally:
+        stack.remove(report)
+
+
+def explain(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Report:
+    """Compile ``model`` with the ``bd`` backend on these inputs (inference, no_grad) and
+    return what was rewritten and what was skipped, per compiled graph.
+
+    The model is run once; nothing about it is changed."""
+    opts = BDOptions.parse(options)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lambda gm, ex: bd_backend(gm, ex, options=opts))
+    with collect_reports() as report, torch.no_grad():
+        compiled(*args, **kwargs)
+    torch._dynamo.reset()
+    return report

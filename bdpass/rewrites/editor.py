@@ -1,0 +1,117 @@
+"""Editing a copy of a Dynamo graph: new weight inputs, new nodes with provenance.
+
+Rewrites are planned on the original graph (whose nodes carry Dynamo's shape metadata)
+and applied to a copy; ``editor.new(node)`` maps an original node to its copy.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from .. import _compat
+from ..graph.ops import canonical
+from ..runtime import DerivedGroup
+
+_PURE_WEIGHT_VIEWS = {"t", "transpose", "permute"}
+
+
+class GraphEditor:
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+        self.orig = gm
+        self.gm, self._map = _compat.copy_graph_module(gm)
+        self.graph = self.gm.graph
+        self.example_inputs = list(example_inputs)
+        self.fake_mode = _compat.detect_fake_mode(example_inputs)
+        self.groups: list[DerivedGroup] = []
+        self._n_inputs = len(example_inputs)
+        self._new_inputs: list[torch.Tensor] = []
+        self._last_placeholder = [n for n in self.graph.nodes if n.op == "placeholder"][-1] \
+            if any(n.op == "placeholder" for n in self.graph.nodes) else None
+        self.current_rewrite: int | None = None
+        self._maybe_dead: list[torch.fx.Node] = []
+        self.removed_by: dict[str, int] = {}     # original node name -> rewrite index
+
+    def new(self, node: Any) -> Any:
+        """The copy of an original node (other values unchanged)."""
+        if isinstance(node, torch.fx.Node):
+            return self._map[node]
+        return node
+
+    def add_derived(self, name: str, sources: Sequence[int],
+                    compute: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+                    tensors: list[torch.Tensor | None] | None = None) -> list[torch.fx.Node | None]:
+        """Register tensors derived from graph inputs ``sources`` as new graph inputs.
+
+        ``compute(args)`` recomputes them from the graph's runtime arguments; entries that
+        are None (e.g. an absent bias) get no input and come back as None."""
+        if tensors is None:
+            with torch.no_grad():
+                tensors = compute(self.example_inputs)
+        nodes: list[torch.fx.Node | None] = []
+        kept: list[torch.Tensor] = []
+        for k, t in enumerate(tensors):
+            if t is None:
+                nodes.append(None)
+                continue
+            t = t.detach().contiguous()
+            anchor = self._last_placeholder
+            if anchor is None:
+                ctx = self.graph.inserting_before(next(iter(self.graph.nodes)))
+            else:
+                ctx = self.graph.inserting_after(anchor)
+            with ctx:
+                ph = self.graph.placeholder(f"bd_{name}_{k}")
+            _compat.mark_new_placeholder(ph, t, self.fake_mode)
+            self._last_placeholder = ph
+            nodes.append(ph)
+            kept.append(t)
+        present = [i for i, t in enumerate(tensors) if t is not None]
+
+        def compute_present(args, _c=compute, _p=present):
+            full = _c(args)
+            return [full[i].contiguous() for i in _p]
+
+        self.groups.append(DerivedGroup(name=name, sources=tuple(sorted(set(sources))),
+                                        compute=compute_present, tensors=kept))
+        self._new_inputs.extend(kept)
+        return nodes
+
+    def call(self, target: Any, args: tuple, kwargs: dict | None = None, origin: Any = None,
+             method: bool = False) -> torch.fx.Node:
+        """Create a node (at the current insertion point) tagged with the active rewrite."""
+        if method:
+            n = self.graph.call_method(target, args, kwargs or {})
+        else:
+            n = self.graph.call_function(target, args, kwargs or {})
+        n.meta["bdpass_rewrite"] = self.current_rewrite
+        if origin is not None:
+            n.meta["bdpass_origin"] = origin.name if isinstance(origin, torch.fx.Node) else str(origin)
+        return n
+
+    def discard(self, orig_nodes: Sequence[torch.fx.Node], rewrite: int) -> None:
+        """Original nodes a rewrite replaced: erased at the end if nothing uses them."""
+        self._maybe_dead.extend(self.new(n) for n in orig_nodes)
+        for n in orig_nodes:
+            self.removed_by[n.name] = rewrite
+
+    def _erase_dead(self) -> None:
+        pending = [n for n in self._maybe_dead if n.op in ("call_function", "call_method")]
+        changed = True
+        while changed:
+            changed = False
+            for n in list(pending):
+                if n.graph is self.graph and not n.users:
+                    inputs = [a for a in n.all_input_nodes if canonical(a) in _PURE_WEIGHT_VIEWS]
+                    self.graph.erase_node(n)
+                    pending.remove(n)
+                    # weight transposes feeding a removed linear die with it
+                    pending.extend(a for a in inputs if a not in pending and not a.users)
+                    changed = True
+
+    def finish(self) -> tuple[torch.fx.GraphModule, list]:
+        self._erase_dead()
+        self.graph.lint()
+        self.gm.recompile()
+        return self.gm, self.example_inputs + self._new_inputs

@@ -1,0 +1,147 @@
+"""What runs on every call of a rewritten graph.
+
+Derived weights (factors computed from the model's parameters) are extra inputs of the
+compiled graph, not constants baked into it: the compiled code is weight-agnostic, so
+Inductor's and AOTAutograd's caches can never serve one model's factors to another.
+
+Dynamo does not guard on parameter values, so each call first checks whether any source
+parameter changed since its factors were computed — ``(id, _version, data_ptr)`` of each
+source tensor, which catches in-place updates (``copy_``, optimizer steps,
+``load_state_dict``), ``.data`` assignment and new ``Parameter`` objects. Changed factors
+are recomputed and written into the same storage (so CUDA graphs stay valid). If the new
+weights can no longer be factorized within budget, the graph permanently switches to the
+original computation and logs why: it never runs with stale or out-of-budget factors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+log = logging.getLogger("bdpass")
+
+
+class VerificationError(RuntimeError):
+    """Raised by ``verify=True`` when rewritten and original outputs differ."""
+
+
+@dataclass
+class DerivedGroup:
+    """Tensors derived from some graph inputs (weights) by ``compute``."""
+    name: str
+    sources: tuple[int, ...]                                   # indices into the graph's args
+    compute: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]  # full args -> tensors
+    tensors: list[torch.Tensor]
+
+
+def _signature(t: Any) -> tuple:
+    try:
+        version = t._version
+    except Exception:  # inference tensors have no version counter
+        version = -1
+    return (id(t), version, t.data_ptr())
+
+
+DEFAULT_VERIFY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def _flat_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_tensors(o)]
+    return []
+
+
+class RewrittenGraph:
+    """The callable handed back to Dynamo for a graph with at least one rewrite."""
+
+    def __init__(self, compiled: Callable, groups: list[DerivedGroup], original: Callable,
+                 graph_index: int, verify: bool = False, verify_tol: float | None = None):
+        self.compiled = compiled
+        self.groups = groups
+        self.original = original
+        self.graph_index = graph_index
+        self.verify = verify
+        self.verify_tol = verify_tol
+        self.derived: list[torch.Tensor] = [t for g in groups for t in g.tensors]
+        watch = sorted({i for g in groups for i in g.sources})
+        self._watch = watch
+        self._group_of: dict[int, list[int]] = {}
+        for gi, g in enumerate(groups):
+            for i in g.sources:
+                self._group_of.setdefault(i, []).append(gi)
+        self._sig: dict[int, tuple] = {}
+        self._use_original: str | None = None
+
+    def snapshot(self, args: Sequence[torch.Tensor]) -> None:
+        """Record the source weights the current factors were computed from."""
+        self._sig = {i: _signature(args[i]) for i in self._watch}
+
+    # ------------------------------------------------------------------ staleness
+    def _refresh(self, args: Sequence[torch.Tensor]) -> None:
+        stale: set[int] = set()
+        sig = self._sig
+        for i in self._watch:
+            s = _signature(args[i])
+            if sig.get(i) != s:
+                stale.update(self._group_of[i])
+                sig[i] = s
+        if not stale:
+            return
+        with torch.no_grad():
+            for gi in sorted(stale):
+                g = self.groups[gi]
+                try:
+                    new = g.compute(args)
+                except Exception as e:  # weights no longer factorizable within budget
+                    self._use_original = f"{g.name}: {e}"
+                    log.warning("bdpass: graph %d: weights changed and %s can no longer be rewritten (%s); "
+                                "running the original computation from now on", self.graph_index, g.name, e)
+                    return
+                for old, t in zip(g.tensors, new):
+                    if old.shape != t.shape or old.dtype != t.dtype:
+                        self._use_original = f"{g.name}: derived shape changed"
+                        log.warning("bdpass: graph %d: %s changed shape; running the original computation",
+                                    self.graph_index, g.name)
+                        return
+                    old.copy_(t)
+        log.info("bdpass: graph %d: source weights changed; recomputed %d derived group(s)",
+                 self.graph_index, len(stale))
+
+    def __call__(self, *args: Any) -> Any:
+        if self._use_original is None:
+            self._refresh(args)
+        if self._use_original is not None:
+            return self.original(*args)
+        out = self.compiled(*args, *self.derived)
+        if self.verify:
+            self._check(args, out)
+        return out
+
+    # ------------------------------------------------------------------ verify
+    def _check(self, args: Sequence[Any], out: Any) -> None:
+        with torch.no_grad():
+            ref = self.original(*args)
+        got_t, ref_t = _flat_tensors(out), _flat_tensors(ref)
+        if len(got_t) != len(ref_t):
+            raise VerificationError(f"bdpass verify: graph {self.graph_index} returned {len(got_t)} tensors, "
+                                    f"original {len(ref_t)}")
+        for k, (a, b) in enumerate(zip(got_t, ref_t)):
+            if a.shape != b.shape:
+                raise VerificationError(f"bdpass verify: output {k} shape {tuple(a.shape)} != {tuple(b.shape)}")
+            if not a.is_floating_point():
+                if not torch.equal(a, b):
+                    raise VerificationError(f"bdpass verify: output {k} differs")
+                continue
+            tol = self.verify_tol or DEFAULT_VERIFY_TOL.get(b.dtype, 1e-2)
+            num = torch.linalg.vector_norm((a.double() - b.double()).flatten())
+            den = torch.linalg.vector_norm(b.double().flatten())
+            rel = float(num / den) if float(den) > 0 else float(num)
+            if not math.isfinite(rel) or rel > tol:
+                raise VerificationError(
+                    f"bdpass verify: graph {self.graph_index} output {k}: relative L2 difference {rel:.3g} "
+                    f"exceeds {tol:.3g}")

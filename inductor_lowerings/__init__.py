@@ -1,0 +1,1 @@
+"""Custom ops (CPU decompositions and Triton kernels) for the rewritten computations."""

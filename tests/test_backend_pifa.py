@@ -1,0 +1,264 @@
+"""The bd backend end to end on low-rank chains (PIFA)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import bdpass
+from bdpass import Report
+from helpers import rel_l2, side_by_side
+from lowrank_models import (AsvdLinear, Conv1DChain, Dense, LoraLinear, LowRankMLP, MatmulChain,
+                            SharedIntermediate, SvdLinear)
+
+torch.manual_seed(0)
+
+SPELLINGS = {
+    "svd_linear": lambda d_in, r, d_out: SvdLinear(d_in, r, d_out),
+    "svd_linear_both_bias": lambda d_in, r, d_out: SvdLinear(d_in, r, d_out, bias_v=True),
+    "svd_linear_no_bias": lambda d_in, r, d_out: SvdLinear(d_in, r, d_out, bias_u=False),
+    "asvd": lambda d_in, r, d_out: AsvdLinear(d_in, r, d_out),
+    "asvd_no_bias": lambda d_in, r, d_out: AsvdLinear(d_in, r, d_out, bias=False),
+    "conv1d": lambda d_in, r, d_out: Conv1DChain(d_in, r, d_out),
+    "matmul_views": lambda d_in, r, d_out: MatmulChain(d_in, r, d_out),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+@pytest.mark.parametrize("shape", [(48, 16, 40), (32, 1, 32), (24, 23, 40), (64, 31, 32)],
+                         ids=["rect", "r1", "r_near_min", "square_ish"])
+def test_spellings_exact_fp32(spelling, shape):
+    d_in, r, d_out = shape
+    torch.manual_seed(hash((spelling, shape)) % 1000)
+    model = SPELLINGS[spelling](d_in, r, d_out)
+    x = torch.randn(3, 5, d_in)
+    bd_err, ind_err, _, _, report = side_by_side(model, (x,))
+    assert [rw.kind for rw in report.rewrites] == ["pifa"], str(report)
+    rw = report.rewrites[0]
+    assert rw.details["r"] == r and rw.details["d_in"] == d_in and rw.details["d_out"] == d_out
+    assert rw.params_after < rw.params_before
+    assert rw.flops_saved == 2 * r * r
+    assert bd_err <= 1.5 * ind_err + 1e-12, (bd_err, ind_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_error_vs_inductor(dtype):
+    torch.manual_seed(1)
+    model = LowRankMLP(64, 24, 128).to(dtype)
+    x = torch.randn(4, 16, 64, dtype=dtype)
+    bd_err, ind_err, bd, _, report = side_by_side(model, (x,))
+    assert bd.dtype == dtype
+    assert len(report.rewrites) == 2
+    assert bd_err <= 1.5 * ind_err, (bd_err, ind_err)
+
+
+def test_nothing_to_rewrite_is_exactly_inductor():
+    torch.manual_seed(2)
+    model = Dense(32)
+    x = torch.randn(4, 32)
+    _, _, bd, ind, report = side_by_side(model, (x,))
+    assert report.rewrites == [] and report.skipped == []
+    assert torch.equal(bd, ind)
+
+
+def test_shared_intermediate_is_not_broken():
+    torch.manual_seed(3)
+    model = SharedIntermediate(32, 8, 32).eval()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        ref = model(x)
+        torch._dynamo.reset()
+        with bdpass.collect_reports() as report:
+            out = torch.compile(model, backend="bd")(x)
+    assert report.rewrites == []
+    assert any("other users" in s.reason for s in report.skipped), str(report)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_lora_adapter_is_skipped_with_reason():
+    torch.manual_seed(4)
+    model = LoraLinear(256, r=4)
+    rep = bdpass.explain(model, torch.randn(2, 256))
+    assert rep.rewrites == []
+    assert len(rep.skipped) == 1 and "min_saving" in rep.skipped[0].reason
+    rep = bdpass.explain(model, torch.randn(2, 256), options={"min_saving": 0.0})
+    assert [r.kind for r in rep.rewrites] == ["pifa"]
+
+
+def test_full_rank_pair_is_not_a_chain():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 20), torch.nn.Linear(20, 32))
+    rep = bdpass.explain(model, torch.randn(2, 16))
+    assert rep.rewrites == []
+    assert any("rank r=20 >= min(d_in, d_out)=16" in s.reason for s in rep.skipped), str(rep)
+
+
+def test_error_budget_refuses():
+    torch.manual_seed(5)
+    model = SvdLinear(32, 8, 32)
+    with torch.no_grad():   # make B[:, P]^-1 B[:, rest] large: nearly dependent columns
+        w = model.u_proj.weight
+        w[8:] = w[:8].repeat(3, 1)[: w.shape[0] - 8] * 1e3 + torch.randn(w.shape[0] - 8, 8) * 1e-3
+    rep = bdpass.explain(model, torch.randn(2, 32), options={"error_budget": 2.0})
+    assert rep.rewrites == [] and "budget" in rep.skipped[0].reason
+
+
+def test_report_api_and_json_roundtrip():
+    torch.manual_seed(6)
+    model = LowRankMLP(32, 8, 64)
+    rep = bdpass.explain(model, torch.randn(2, 3, 32))
+    assert len(rep.rewrites) == 2
+    sites = sorted(r.site for r in rep.rewrites)
+    assert sites == ["down", "up"], sites
+    for r in rep.rewrites:
+        assert r.cond >= 1.0 and r.error_bound >= 1.0
+    text = str(rep)
+    assert "pifa" in text and "down" in text and "params before" in text
+    back = Report.from_json(rep.to_json())
+    assert back.to_dict() == json.loads(rep.to_json())
+    assert [r.site for r in back.rewrites] == [r.site for r in rep.rewrites]
+    assert back.params_before == rep.params_before > rep.params_after
+
+
+def test_log_summary_line(caplog):
+    torch.manual_seed(7)
+    model = SvdLinear(32, 8, 32).eval()
+    with caplog.at_level(logging.INFO, logger="bdpass"), torch.no_grad():
+        torch._dynamo.reset()
+        torch.compile(model, backend="bd", options={"lowering": "aot_eager"})(torch.randn(2, 32))
+    lines = [r.getMessage() for r in caplog.records if r.name == "bdpass"]
+    assert any("rewrites pifa x1" in l for l in lines), lines
+
+
+def test_unknown_option_lists_valid_ones():
+    model = SvdLinear(16, 4, 16)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as ei:
+        torch.compile(model, backend="bd", options={"pifaa": True})(torch.randn(2, 16))
+    msg = str(ei.value)
+    assert "pifaa" in msg and "error_budget" in msg and "lowering" in msg
+
+
+@pytest.mark.parametrize("lowering", ["eager", "aot_eager"])
+def test_lowerings(lowering):
+    torch.manual_seed(8)
+    model = SvdLinear(32, 8, 48).eval()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        ref = model(x)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="bd", options={"lowering": lowering, "verify": True})(x)
+    torch.testing.assert_close(out, ref)
+
+
+def test_gradients_fall_back_with_log(caplog):
+    torch.manual_seed(9)
+    model = SvdLinear(16, 4, 16)
+    x = torch.randn(3, 16)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="bdpass"), bdpass.collect_reports() as rep:
+        out = torch.compile(model, backend="bd", options={"lowering": "aot_eager"})(x)
+        out.sum().backward()
+    assert rep.rewrites == [] and "gradients required" in (rep.graphs[0].fallback or "")
+    assert any("gradients required" in r.getMessage() for r in caplog.records)
+    g = model.u_proj.weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(g, model.u_proj.weight.grad)
+
+
+def test_stale_weights_are_recomputed():
+    torch.manual_seed(10)
+    model = SvdLinear(32, 8, 32).eval()
+    x = torch.randn(4, 32)
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="bd", options={"lowering": "aot_eager"})
+    with torch.no_grad():
+        f(x)
+        model.u_proj.weight.mul_(2.0)
+        model.v_proj.weight.copy_(torch.randn_like(model.v_proj.weight))
+        torch.testing.assert_close(f(x), model(x))
+        model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()})
+        torch.testing.assert_close(f(x), model(x))
+
+
+def test_verify_catches_a_wrong_rewrite():
+    """verify=True compares against the original graph: corrupt a derived tensor by hand."""
+    torch.manual_seed(11)
+    model = SvdLinear(32, 8, 32).eval()
+    x = torch.randn(4, 32)
+    torch._dynamo.reset()
+    wrappers = []
+    from bdpass import backend as be
+
+    orig = be.RewrittenGraph.__init__
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        wrappers.append(self)
+
+    be.RewrittenGraph.__init__ = spy
+    try:
+        f = torch.compile(model, backend="bd", options={"lowering": "eager", "verify": True})
+        with torch.no_grad():
+            f(x)
+            wrappers[0].derived[0].add_(1.0)
+            with pytest.raises(bdpass.VerificationError):
+                f(x)
+    finally:
+        be.RewrittenGraph.__init__ = orig
+
+
+def test_entry_point_in_fresh_process(tmp_path):
+    code = textwrap.dedent("""
+        import sys, torch
+        assert "bdpass" not in sys.modules
+        m = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 32)).eval()
+        x = torch.randn(4, 32)
+        with torch.no_grad():
+            out = torch.compile(m, backend="bd", options={"lowering": "aot_eager"})(x)
+            torch.testing.assert_close(out, m(x))
+        import bdpass  # importing after the entry point loaded must not register twice
+        assert "bd" in torch._dynamo.list_backends()
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+def test_dynamic_shapes():
+    torch.manual_seed(12)
+    model = Conv1DChain(32, 8, 48).eval()
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="bd", dynamic=True, options={"lowering": "aot_eager"})
+    with torch.no_grad(), bdpass.collect_reports() as rep:
+        for b, t in [(2, 3), (2, 7), (5, 4), (3, 9)]:
+            x = torch.randn(b, t, 32)
+            torch.testing.assert_close(f(x), model(x))
+    assert len(rep.graphs) == 1 and len(rep.rewrites) == 1
+
+
+def test_placeholder_names_are_qualified():
+    torch.manual_seed(13)
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Module()])
+            self.layers[0].mlp = SvdLinear(16, 4, 16)
+
+        def forward(self, x):
+            return self.layers[0].mlp(x)
+
+    rep = bdpass.explain(Outer(), torch.randn(2, 16))
+    r = rep.rewrites[0]
+    assert r.site == "layers.0.mlp"
+    assert r.details["weights"] == ["layers.0.mlp.v_proj.weight", "layers.0.mlp.u_proj.weight"]
