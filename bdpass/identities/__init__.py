@@ -1,0 +1,38 @@
+"""Pure linear algebra behind the rewrites: pivot selection, basis-decomposition (BD)
+factors of attention projections, pivoting-factorization (PIFA) factors of low-rank
+chains, and their error bounds. No graph code lives here."""
+from .bd import (
+    BdFactors,
+    bd_factors,
+    bd_factors_with_rows,
+    fold_output,
+    fold_query,
+    reference_rows,
+)
+from .pifa import PifaFactors, pifa_factors, pifa_reference
+from .pivots import (
+    FactorizationError,
+    cond2,
+    is_rank_deficient,
+    pivot_columns,
+    pivoted_qr,
+    unit_roundoff,
+)
+
+__all__ = [
+    "BdFactors",
+    "FactorizationError",
+    "PifaFactors",
+    "bd_factors",
+    "bd_factors_with_rows",
+    "cond2",
+    "fold_output",
+    "fold_query",
+    "is_rank_deficient",
+    "pifa_factors",
+    "pifa_reference",
+    "pivot_columns",
+    "pivoted_qr",
+    "reference_rows",
+    "unit_roundoff",
+]
