@@ -12,9 +12,14 @@ from .report import Report
 
 
 @contextlib.contextmanager
-def collect_reports() -> Iterator[Report]:
-    """Collect the GraphReport of every graph the ``bd`` backend compiles inside the block."""
+def collect_reports(keep_graphs: bool = False) -> Iterator[Report]:
+    """Collect the GraphReport of every graph the ``bd`` backend compiles inside the block.
+
+    With ``keep_graphs=True`` each GraphReport also holds, in ``.graphs_kept`` (not
+    serialized), ``(original GraphModule, rewritten GraphModule or None, example inputs,
+    rewritten graph's example inputs or None)`` for tools that run both graphs."""
     report = Report()
+    report.keep_graphs = keep_graphs
     stack = _active_collectors()
     stack.append(report)
     try:

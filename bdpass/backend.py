@@ -73,6 +73,7 @@ def _plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
     linears = find_linears(gm, params)
     editor: GraphEditor | None = None
     records = []
+    chains = []
     if opts.pifa:
         chains, skips = pifa_rw.find_chains(linears)
         report.skipped.extend(skips)
@@ -84,6 +85,21 @@ def _plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
                 report.skipped.append(res)
             else:
                 records.append(res)
+    if opts.bd_qk or opts.bd_vo:
+        from .graph.layout import analyze
+        from .rewrites import bd_attention
+
+        used = {n for c in (chains if opts.pifa else []) for n in (c.first.core, c.second.core)}
+        bd_sites = [s for s in linears if s.core not in used]
+        layout = analyze(gm, bd_sites)
+        comps, skips = bd_attention.plan(layout, bd_sites, opts.bd_qk, opts.bd_vo)
+        report.skipped.extend(skips)
+        for comp in comps:
+            if editor is None:
+                editor = GraphEditor(gm, example_inputs)
+            recs, skips = bd_attention.apply_component(editor, comp, bd_sites, len(records), opts.error_budget)
+            report.skipped.extend(skips)
+            records.extend(recs)
     report.rewrites.extend(records)
     report.params_after = report.params_before - sum(r.params_saved for r in records)
     return (editor if records else None), records
@@ -101,6 +117,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
         return _compat.lower(gm, example_inputs, opts.lowering, mode, dict(opts.inductor))
 
     result: Callable
+    kept_new = None
     if _needs_grad(example_inputs):
         reason = "gradients required (grad mode on and an input requires grad); compiled without rewrites"
         params = find_params(gm, example_inputs)
@@ -144,10 +161,15 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
                                              verify=opts.verify, verify_tol=opts.verify_tol)
                     wrapper.snapshot(example_inputs)
                     result = wrapper
+                    kept_new = (new_gm, new_inputs)
     for s in report.skipped:
         log.info("bdpass: graph %d: skipped %s at %s: %s", index, s.kind, s.site, s.reason)
     log.info(report.summary())
     for c in _active_collectors():
+        if getattr(c, "keep_graphs", False):
+            rewritten = kept_new if isinstance(result, RewrittenGraph) else None
+            report.graphs_kept = (gm, rewritten[0] if rewritten else None, list(example_inputs),
+                                  rewritten[1] if rewritten else None)
         c.graphs.append(report)
     return result
 

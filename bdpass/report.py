@@ -10,7 +10,7 @@ factor of rounding error (see ``BDOptions.error_budget``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -61,6 +61,8 @@ class GraphReport:
     params_after: int = 0
     nodes_before: list[NodeRecord] = field(default_factory=list)
     nodes_after: list[NodeRecord] = field(default_factory=list)
+    # not serialized: set by the backend when a collector asks for graphs
+    graphs_kept: tuple | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
@@ -103,7 +105,13 @@ class Report:
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict:
-        return {"graphs": [asdict(g) for g in self.graphs]}
+        out = []
+        for g in self.graphs:
+            d = {f.name: getattr(g, f.name) for f in fields(g) if f.name != "graphs_kept"}
+            for k in ("rewrites", "skipped", "nodes_before", "nodes_after"):
+                d[k] = [asdict(x) for x in d[k]]
+            out.append(d)
+        return {"graphs": out}
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), **kw)

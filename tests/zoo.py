@@ -1,9 +1,11 @@
 """Tiny, randomly initialised Hugging Face transformers models for attention-rewrite tests.
 
 Nothing is downloaded: every model is built from a config (``AutoConfig.for_model``) with
-random weights drawn under ``torch.manual_seed(seed)``.  Sizes are tiny but non-degenerate:
-hidden width 64, 4 attention heads (head_dim 16 < width), FFN 128, vocab 128, batch 2,
-sequence 8-17 tokens, so every attention head is a genuine low-rank slice of its input.
+random weights drawn under ``torch.manual_seed(seed)`` (global RNG state is restored after).
+Sizes are tiny but non-degenerate: hidden width 64, 4 attention heads (head_dim 16 < width),
+FFN 128, vocab 128, 2 layers, batch 2; 12 tokens (decoder side of t5/whisper: 6), 17 patch
+tokens for vit/clip_vision, 8 encoder frames for whisper.  Every attention head is a genuine
+low-rank slice of its input.  No attention_mask is passed (causal/full masks only).
 
     model, args, kwargs = build("llama")
     out = model(*args, **kwargs)
@@ -11,7 +13,9 @@ sequence 8-17 tokens, so every attention head is a genuine low-rank slice of its
 Integer inputs (``input_ids``/``decoder_input_ids``) are int64; float inputs
 (``pixel_values``/``input_features``) are created in ``dtype``.  The model is returned in
 ``eval()`` mode, in ``dtype``; ``copy.deepcopy(model).double()`` plus ``.double()`` of the float
-inputs gives a float64 reference.  ``use_cache=False`` is set in every config.
+inputs gives a float64 reference (use attn_implementation="sdpa" for that: the transformers
+"eager" attention path upcasts softmax to float32 only, so it is not a true float64
+reference).  ``use_cache=False`` is set in every config.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ BATCH, SEQ = 2, 12
 IMAGE, PATCH = 16, 4  # 16 patches (+1 CLS token) for vit / clip_vision
 MEL_BINS, SOURCE_POS = 16, 8  # whisper: input_features (B, 16, 16) -> 8 encoder positions
 
-# family -> (model_type for AutoConfig.for_model, model class (built via its Auto class), input kind)
+# family -> (model_type for AutoConfig.for_model, model class (built via Auto*), input kind)
 _SPECS: dict[str, tuple[str, str, str]] = {
     "gpt2": ("gpt2", "GPT2LMHeadModel", "tokens"),
     "bert": ("bert", "BertModel", "tokens"),
@@ -56,7 +60,8 @@ _SPECS: dict[str, tuple[str, str, str]] = {
 _MOE_FAMILIES = {"deepseek_v2", "deepseek_v3"}
 
 _LLAMA_LIKE = dict(
-    hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=2,  # GQA, 2 q heads per kv head
+    # GQA: 2 query heads per kv head
+    hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=2,
     intermediate_size=FFN, vocab_size=VOCAB, max_position_embeddings=64, head_dim=HIDDEN // HEADS,
 )
 
@@ -70,10 +75,17 @@ _MLA = dict(
 )
 
 
+def _spec(family: str) -> tuple[str, str, str]:
+    try:
+        return _SPECS[family]
+    except KeyError:
+        raise KeyError(f"unknown family {family!r}; choose from {FAMILIES}") from None
+
+
 def _family_kwargs(family: str, layers: int) -> dict[str, Any]:
     if family == "gpt2":
         return dict(n_embd=HIDDEN, n_head=HEADS, n_layer=layers, n_inner=FFN, vocab_size=VOCAB,
-                    n_positions=64)
+                    n_positions=64, bos_token_id=1, eos_token_id=2)
     if family == "bert":
         return dict(hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=layers,
                     intermediate_size=FFN, vocab_size=VOCAB, max_position_embeddings=64)
@@ -83,7 +95,7 @@ def _family_kwargs(family: str, layers: int) -> dict[str, Any]:
     if family == "clip_text":
         return dict(hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=layers,
                     intermediate_size=FFN, vocab_size=VOCAB, max_position_embeddings=64,
-                    projection_dim=HIDDEN)
+                    projection_dim=HIDDEN, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "clip_vision":
         return dict(hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=layers,
                     intermediate_size=FFN, image_size=IMAGE, patch_size=PATCH, num_channels=3,
@@ -100,9 +112,7 @@ def _family_kwargs(family: str, layers: int) -> dict[str, Any]:
                     num_layers=layers, num_decoder_layers=layers, vocab_size=VOCAB,
                     relative_attention_num_buckets=8, relative_attention_max_distance=16,
                     decoder_start_token_id=0)
-    if family in ("llama", "mistral", "qwen2"):
-        return dict(_LLAMA_LIKE, num_hidden_layers=layers)
-    if family == "qwen3":  # q_norm / k_norm are always present in Qwen3 attention
+    if family in ("llama", "mistral", "qwen2", "qwen3"):  # qwen3 always has q_norm / k_norm
         return dict(_LLAMA_LIKE, num_hidden_layers=layers)
     if family == "phi":
         return dict(hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=layers,
@@ -116,12 +126,12 @@ def _family_kwargs(family: str, layers: int) -> dict[str, Any]:
         return dict(_MLA, num_hidden_layers=layers, q_lora_rank=None)
     if family == "deepseek_v3":  # q through a low-rank bottleneck; single expert group
         return dict(_MLA, num_hidden_layers=layers, q_lora_rank=48, n_group=1, topk_group=1)
-    raise KeyError(f"unknown family {family!r}; choose from {FAMILIES}")
+    raise AssertionError(family)
 
 
 def config_for(family: str, layers: int = 2, **overrides: Any) -> transformers.PretrainedConfig:
     """Tiny config for ``family``; ``overrides`` are passed to ``AutoConfig.for_model`` verbatim."""
-    model_type = _SPECS[family][0] if family in _SPECS else None
+    model_type = _spec(family)[0]
     kw = _family_kwargs(family, layers)
     kw["use_cache"] = False
     kw.update(overrides)
@@ -130,7 +140,7 @@ def config_for(family: str, layers: int = 2, **overrides: Any) -> transformers.P
 
 def _inputs(family: str, cfg: Any, dtype: torch.dtype, seed: int, batch: int,
             seq: int | None) -> tuple[tuple, dict]:
-    kind = _SPECS[family][2]
+    kind = _spec(family)[2]
     # float inputs are drawn in float32 and cast, so float64 inputs == float32 inputs .double()
     g = torch.Generator().manual_seed(seed + 12345)
     seq = SEQ if seq is None else seq
@@ -148,7 +158,7 @@ def _inputs(family: str, cfg: Any, dtype: torch.dtype, seed: int, batch: int,
         # the whisper encoder insists on exactly 2 * max_source_positions input frames
         x = torch.randn(batch, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g,
                         dtype=torch.float32).to(dtype)
-        return (), {"input_features": x, "decoder_input_ids": ids(min(seq, 8))}
+        return (), {"input_features": x, "decoder_input_ids": ids(max(seq // 2, 1))}
     if kind == "seq2seq":
         return (), {"input_ids": ids(seq), "decoder_input_ids": ids(max(seq // 2, 1))}
     raise AssertionError(kind)
@@ -198,21 +208,28 @@ def build(family: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, lay
     token families ``seq`` is the token count; image/audio input sizes come from the config).
     ``init="scaled"`` (default) re-draws projections so attention is far from uniform (see
     ``_rescale_init``); ``init="hf"`` keeps the plain Hugging Face random init.
+    ``experts_implementation`` (MoE families only, default ``"eager"``) picks the
+    transformers experts kernel.
     """
     if init not in ("scaled", "hf"):
         raise ValueError(f"init must be 'scaled' or 'hf', not {init!r}")
-    cfg = config_for(family, layers=layers, **overrides)
-    cls_name = _SPECS[family][1]
+    cls_name = _spec(family)[1]
     auto = transformers.AutoModelForCausalLM if cls_name.endswith(("ForCausalLM", "LMHeadModel")) \
         else transformers.AutoModel
+    experts = overrides.pop("experts_implementation", "eager")
     extra: dict[str, Any] = {}
     if family in _MOE_FAMILIES:
-        extra["experts_implementation"] = "eager"
+        # "grouped_mm" (the transformers default) has no float64 kernel; "eager" loops over
+        # experts (data-dependent shapes: ~11 graph breaks under torch.compile); "batched_mm"
+        # gathers expert weights densely (float64 ok, one graph).
+        extra["experts_implementation"] = experts
+    cfg = config_for(family, layers=layers, **overrides)
     # Initialise in float32 whatever ``dtype`` is, so build(f, dtype=torch.float64) has the same
     # weights as build(f).double() (float64 init would draw a different random stream).
-    torch.manual_seed(seed)
-    model = auto.from_config(cfg, attn_implementation=attn_implementation, dtype=torch.float32,
-                             **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto.from_config(cfg, attn_implementation=attn_implementation,
+                                 dtype=torch.float32, **extra)
     if init == "scaled":
         _rescale_init(model, seed)
     assert type(model).__name__ == cls_name, (type(model).__name__, cls_name)

@@ -170,26 +170,27 @@ class _Analysis:
         return Layout(idx.reshape((1,) * (len(shp) - 1) + (d,)))
 
     def why_touch(self, node: torch.fx.Node) -> str:
-        """A readable reason for an op that changes tracked channels."""
-        seen, frontier = set(), [node]
-        names = set()
-        for _ in range(8):
+        """A readable reason for an op that changes tracked channels: RoPE if the other
+        operands come from cos/sin/polar, a norm if they come from a reduction."""
+        own = _name(node)
+        names = {own}
+        frontier = [a for a in node.all_input_nodes if not (self.lay(a) is not None and self.lay(a).tracked)]
+        seen = set(frontier)
+        for _ in range(6):
             nxt = []
             for n in frontier:
+                if n.op in ("call_function", "call_method"):
+                    names.add(_name(n))
                 for a in n.all_input_nodes:
-                    if a in seen:
-                        continue
-                    seen.add(a)
-                    if a.op in ("call_function", "call_method"):
-                        names.add(_name(a))
-                    nxt.append(a)
+                    if a not in seen:
+                        seen.add(a)
+                        nxt.append(a)
             frontier = nxt
-        names.add(_name(node))
         if names & _ROPE_MARKERS:
             return "RoPE (position-dependent rotation) on these channels"
         if names & _NORM_MARKERS:
             return "normalization of these channels (e.g. q_norm/k_norm) between projection and contraction"
-        return f"'{_name(node)}' applied between projection and contraction"
+        return f"'{own}' applied between projection and contraction"
 
     # ------------------------------------------------------------------ driver
     def run(self) -> LayoutResult:
@@ -419,14 +420,14 @@ class _Analysis:
         if isinstance(v, list):
             self.L[node] = v[index] if isinstance(index, int) else None
             return
+        # a basic-index view of src: slice assignment through it writes into src
+        self.view_base[node] = (src, index) if src not in self.view_base else (None, None)
         l = self.lay(src)
         if l is None:
             self.L[node] = None
             return
         shp = shape_of(src)
         self.L[node] = Layout(_apply_index(l.idx, index, shp), l.attn)
-        self.view_base[node] = (self.view_base.get(src, (src, None))[0], index) \
-            if src not in self.view_base else (None, None)
 
     def op_narrow(self, node):
         src = node.args[0]
@@ -712,7 +713,7 @@ class _Analysis:
 
     def _qk(self, node, q, k, nd):
         qb, kb = self._pairs(q, k, nd)
-        if (qb >= 0).any() and (kb >= 0).any():
+        if (qb != UNTRACKED).any() and (kb != UNTRACKED).any():
             self.res.qk.append(QKEvent(node, qb.copy(), kb.copy()))
         else:
             for arr in (qb, kb):

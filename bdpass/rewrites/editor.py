@@ -97,12 +97,15 @@ class GraphEditor:
             self.removed_by[n.name] = rewrite
 
     def _erase_dead(self) -> None:
-        pending = [n for n in self._maybe_dead if n.op in ("call_function", "call_method")]
+        pending = [n for n in dict.fromkeys(self._maybe_dead) if n.op in ("call_function", "call_method")]
         changed = True
         while changed:
             changed = False
             for n in list(pending):
-                if n.graph is self.graph and not n.users:
+                if getattr(n, "_erased", False):
+                    pending.remove(n)
+                    continue
+                if not n.users:
                     inputs = [a for a in n.all_input_nodes if canonical(a) in _PURE_WEIGHT_VIEWS]
                     self.graph.erase_node(n)
                     pending.remove(n)
