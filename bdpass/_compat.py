@@ -60,6 +60,18 @@ def qualified_name(source_text: str | None) -> str | None:
     return ".".join(parts) if parts else root
 
 
+def module_path_of(node: Any) -> str | None:
+    """Qualified path of the innermost module whose forward produced ``node``."""
+    stack = getattr(node, "meta", {}).get("nn_module_stack") if node is not None else None
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    path = path if isinstance(path, str) else str(path)
+    if path.startswith(("L[", "G[")):
+        return qualified_name(path)
+    return ".".join(t for t in re.split(r"[.\[\]]+", path) if t)
+
+
 # ----------------------------------------------------------------------------- metadata
 def example_value(node: Any) -> Any:
     """The (fake) value Dynamo recorded for a node, or None."""

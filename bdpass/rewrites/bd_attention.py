@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from .._compat import module_path_of
 from ..graph.layout import LayoutResult, decode
 from ..graph.linears import LinearSite
 from ..graph.ops import dtype_of
@@ -86,7 +87,8 @@ class _Planner:
             for qrow, krow in zip(ev.q_rows, ev.k_rows):
                 q_src = {decode(c)[0] for c in qrow if c >= 0}
                 k_src = {decode(c)[0] for c in krow if c >= 0}
-                site = self.site_name(*(sorted(q_src | k_src))) if (q_src or k_src) else ev.node.name
+                site = module_path_of(ev.node) or (self.site_name(*(sorted(q_src | k_src)))
+                                                    if (q_src or k_src) else ev.node.name)
                 ok = (qrow >= 0) & (krow >= 0)
                 if not ok.any():
                     reason = self.reason_of_codes(np.concatenate([krow, qrow]))
@@ -116,7 +118,7 @@ class _Planner:
                 srcs = {decode(c)[0] for c in row if c >= 0}
                 if not srcs:
                     continue
-                site = self.site_name(*sorted(srcs))
+                site = module_path_of(ev.node) or self.site_name(*sorted(srcs))
                 if (row < 0).any() or len(srcs) != 1:
                     self.skip("bd_vo", site, "a value head mixes projected and other channels")
                     continue
@@ -142,7 +144,7 @@ class _Planner:
                     continue
                 for c in range(len(hit) // d):
                     g.o_partners.add((o_index, tuple(hit[c * d:(c + 1) * d])))
-                g.site = self.site_name(g.source, o_index)
+                g.site = g.site or self.site_name(g.source, o_index)
 
     # ------------------------------------------------------------------ legality
     def legal_groups(self) -> list[Group]:
