@@ -34,7 +34,7 @@ def placeholder_source(node: torch.fx.Node) -> Any:
     return getattr(node, "_dynamo_source", None)
 
 
-_TOKEN = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(-?\d+))\]|\.([A-Za-z_]\w*)")
+_TOKEN = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(-?\d+))\]|\.(\w+)")
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
 
 

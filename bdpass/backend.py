@@ -80,7 +80,8 @@ def _plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
         for chain in chains:
             if editor is None:
                 editor = GraphEditor(gm, example_inputs)
-            res = pifa_rw.apply_chain(editor, chain, len(records), opts.error_budget, opts.min_saving)
+            res = pifa_rw.apply_chain(editor, chain, len(records), opts.error_budget, opts.min_saving,
+                                     opts.cost_model)
             if isinstance(res, pifa_rw.SkipRecord):
                 report.skipped.append(res)
             else:
@@ -97,7 +98,8 @@ def _plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
         for comp in comps:
             if editor is None:
                 editor = GraphEditor(gm, example_inputs)
-            recs, skips = bd_attention.apply_component(editor, comp, bd_sites, len(records), opts.error_budget)
+            recs, skips = bd_attention.apply_component(editor, comp, bd_sites, len(records), opts.error_budget,
+                                                      opts.cost_model)
             report.skipped.extend(skips)
             records.extend(recs)
     report.rewrites.extend(records)

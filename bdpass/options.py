@@ -17,6 +17,9 @@ class BDOptions:
                         factor by which the rewrite can multiply the rounding error of the
                         computation it replaces (PIFA: 1 + ||C'||_2, BD: cond(B_h)). A
                         site over budget is skipped with the reason.
+    cost_model          skip a rewrite that the roofline estimate says would be slower than
+                        the original on the graph's device at its token count (bdpass.cost).
+                        False applies every legal rewrite (smallest weights, maybe slower).
     min_saving          smallest fraction of a site's weights a rewrite must save; below it
                         the site is skipped (e.g. LoRA's rank-8 adapters save ~0.1%).
     lowering            "inductor" (default), "aot_eager" or "eager" (debugging).
@@ -32,6 +35,7 @@ class BDOptions:
     bd_vo: bool = True
     error_budget: float = 100.0
     min_saving: float = 0.02
+    cost_model: bool = True
     lowering: str = "inductor"
     verify: bool = False
     verify_tol: float | None = None
@@ -62,7 +66,7 @@ class BDOptions:
         return opts
 
     def _validate(self) -> None:
-        for name in ("pifa", "bd_qk", "bd_vo", "verify", "strict"):
+        for name in ("pifa", "bd_qk", "bd_vo", "verify", "strict", "cost_model"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"bdpass: option {name!r} must be a bool, got {getattr(self, name)!r}")
         if self.lowering not in LOWERINGS:

@@ -38,7 +38,7 @@ def test_spellings_exact_fp32(spelling, shape):
     torch.manual_seed(hash((spelling, shape)) % 1000)
     model = SPELLINGS[spelling](d_in, r, d_out)
     x = torch.randn(3, 5, d_in)
-    bd_err, ind_err, _, _, report = side_by_side(model, (x,), options={"min_saving": 0.0})
+    bd_err, ind_err, _, _, report = side_by_side(model, (x,), options={"min_saving": 0.0, "cost_model": False})
     assert [rw.kind for rw in report.rewrites] == ["pifa"], str(report)
     rw = report.rewrites[0]
     assert rw.details["r"] == r and rw.details["d_in"] == d_in and rw.details["d_out"] == d_out
@@ -54,7 +54,7 @@ def test_dtypes_error_vs_inductor(dtype):
     torch.manual_seed(1)
     model = LowRankMLP(64, 24, 128).to(dtype)
     x = torch.randn(4, 16, 64, dtype=dtype)
-    bd_err, ind_err, bd, _, report = side_by_side(model, (x,))
+    bd_err, ind_err, bd, _, report = side_by_side(model, (x,), options={"cost_model": False})
     assert bd.dtype == dtype
     assert len(report.rewrites) == 2
     bound = max(r.error_bound for r in report.rewrites)
@@ -69,7 +69,7 @@ def test_pifa_error_within_1p5x_of_inductor_at_d512():
     torch.manual_seed(14)
     model = SvdLinear(512, 256, 512)
     x = torch.randn(64, 512)
-    bd_err, ind_err, _, _, _ = side_by_side(model, (x,))
+    bd_err, ind_err, _, _, _ = side_by_side(model, (x,), options={"cost_model": False})
     assert bd_err <= 1.5 * ind_err, (bd_err, ind_err)
 
 
@@ -90,7 +90,7 @@ def test_shared_intermediate_is_not_broken():
         ref = model(x)
         torch._dynamo.reset()
         with bdpass.collect_reports() as report:
-            out = torch.compile(model, backend="bd")(x)
+            out = torch.compile(model, backend="bd", options={"cost_model": False})(x)
     assert report.rewrites == []
     assert any("other users" in s.reason for s in report.skipped), str(report)
     for a, b in zip(out, ref):
@@ -103,7 +103,7 @@ def test_lora_adapter_is_skipped_with_reason():
     rep = bdpass.explain(model, torch.randn(2, 256))
     assert rep.rewrites == []
     assert len(rep.skipped) == 1 and "min_saving" in rep.skipped[0].reason
-    rep = bdpass.explain(model, torch.randn(2, 256), options={"min_saving": 0.0})
+    rep = bdpass.explain(model, torch.randn(2, 256), options={"min_saving": 0.0, "cost_model": False})
     assert [r.kind for r in rep.rewrites] == ["pifa"]
 
 
@@ -120,14 +120,14 @@ def test_error_budget_refuses():
     with torch.no_grad():   # make B[:, P]^-1 B[:, rest] large: nearly dependent columns
         w = model.u_proj.weight
         w[8:] = w[:8].repeat(3, 1)[: w.shape[0] - 8] * 1e3 + torch.randn(w.shape[0] - 8, 8) * 1e-3
-    rep = bdpass.explain(model, torch.randn(2, 32), options={"error_budget": 2.0})
+    rep = bdpass.explain(model, torch.randn(2, 32), options={"error_budget": 2.0, "cost_model": False})
     assert rep.rewrites == [] and "budget" in rep.skipped[0].reason
 
 
 def test_report_api_and_json_roundtrip():
     torch.manual_seed(6)
     model = LowRankMLP(32, 8, 64)
-    rep = bdpass.explain(model, torch.randn(2, 3, 32))
+    rep = bdpass.explain(model, torch.randn(2, 3, 32), options={"cost_model": False})
     assert len(rep.rewrites) == 2
     sites = sorted(r.site for r in rep.rewrites)
     assert sites == ["down", "up"], sites
@@ -146,7 +146,7 @@ def test_log_summary_line(caplog):
     model = SvdLinear(32, 8, 32).eval()
     with caplog.at_level(logging.INFO, logger="bdpass"), torch.no_grad():
         torch._dynamo.reset()
-        torch.compile(model, backend="bd", options={"lowering": "aot_eager"})(torch.randn(2, 32))
+        torch.compile(model, backend="bd", options={"lowering": "aot_eager", "cost_model": False})(torch.randn(2, 32))
     lines = [r.getMessage() for r in caplog.records if r.name == "bdpass"]
     assert any("rewrites pifa x1" in l for l in lines), lines
 
@@ -168,7 +168,7 @@ def test_lowerings(lowering):
     with torch.no_grad():
         ref = model(x)
         torch._dynamo.reset()
-        out = torch.compile(model, backend="bd", options={"lowering": lowering, "verify": True})(x)
+        out = torch.compile(model, backend="bd", options={"lowering": lowering, "verify": True, "cost_model": False})(x)
     torch.testing.assert_close(out, ref)
 
 
@@ -178,7 +178,7 @@ def test_gradients_fall_back_with_log(caplog):
     x = torch.randn(3, 16)
     torch._dynamo.reset()
     with caplog.at_level(logging.INFO, logger="bdpass"), bdpass.collect_reports() as rep:
-        out = torch.compile(model, backend="bd", options={"lowering": "aot_eager"})(x)
+        out = torch.compile(model, backend="bd", options={"lowering": "aot_eager", "cost_model": False})(x)
         out.sum().backward()
     assert rep.rewrites == [] and "gradients required" in (rep.graphs[0].fallback or "")
     assert any("gradients required" in r.getMessage() for r in caplog.records)
@@ -193,7 +193,7 @@ def test_stale_weights_are_recomputed():
     model = SvdLinear(32, 8, 32).eval()
     x = torch.randn(4, 32)
     torch._dynamo.reset()
-    f = torch.compile(model, backend="bd", options={"lowering": "aot_eager"})
+    f = torch.compile(model, backend="bd", options={"lowering": "aot_eager", "cost_model": False})
     with torch.no_grad():
         f(x)
         model.u_proj.weight.mul_(2.0)
@@ -220,7 +220,7 @@ def test_verify_catches_a_wrong_rewrite():
 
     be.RewrittenGraph.__init__ = spy
     try:
-        f = torch.compile(model, backend="bd", options={"lowering": "eager", "verify": True})
+        f = torch.compile(model, backend="bd", options={"lowering": "eager", "verify": True, "cost_model": False})
         with torch.no_grad():
             f(x)
             wrappers[0].derived[0].add_(1.0)
@@ -253,7 +253,7 @@ def test_dynamic_shapes():
     torch.manual_seed(12)
     model = Conv1DChain(32, 8, 48).eval()
     torch._dynamo.reset()
-    f = torch.compile(model, backend="bd", dynamic=True, options={"lowering": "aot_eager"})
+    f = torch.compile(model, backend="bd", dynamic=True, options={"lowering": "aot_eager", "cost_model": False})
     with torch.no_grad(), bdpass.collect_reports() as rep:
         for b, t in [(2, 3), (2, 7), (5, 4), (3, 9)]:
             x = torch.randn(b, t, 32)
@@ -273,7 +273,20 @@ def test_placeholder_names_are_qualified():
         def forward(self, x):
             return self.layers[0].mlp(x)
 
-    rep = bdpass.explain(Outer(), torch.randn(2, 16))
+    rep = bdpass.explain(Outer(), torch.randn(2, 16), options={"cost_model": False})
     r = rep.rewrites[0]
     assert r.site == "layers.0.mlp"
     assert r.details["weights"] == ["layers.0.mlp.v_proj.weight", "layers.0.mlp.u_proj.weight"]
+
+
+def test_cost_model_decisions():
+    from bdpass import cost
+    cpu = torch.device("cpu")
+    # large GEMM-bound chain: PIFA's 25% fewer FLOPs pay for the column-order pass
+    assert cost.pifa(2048, 2048, 1024, 2048, torch.float32, cpu).pays
+    # a handful of tokens through a tiny chain: the extra kernel dominates
+    est = cost.pifa(4, 32, 8, 32, torch.float32, cpu)
+    assert not est.pays and est.ratio < 1
+    torch.manual_seed(15)
+    rep = bdpass.explain(SvdLinear(32, 8, 32), torch.randn(4, 32))
+    assert rep.rewrites == [] and rep.skipped[0].reason.startswith("cost model:"), str(rep)

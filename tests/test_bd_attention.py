@@ -10,7 +10,8 @@ import bdpass
 from attention_models import MHA, CrossAttention, LatentAttention
 from helpers import side_by_side
 
-AOT = {"lowering": "aot_eager"}
+AOT = {"lowering": "aot_eager", "cost_model": False}
+ALL = {"cost_model": False}   # exercise every legal rewrite (the cost model is tested on its own)
 
 
 def kinds(report):
@@ -23,7 +24,7 @@ def reasons(report, kind):
 
 def check(model, *args, options=None, dynamic=False):
     torch.manual_seed(0)
-    bd_err, ind_err, bd, ind, rep = side_by_side(model, args, options=options, dynamic=dynamic)
+    bd_err, ind_err, bd, ind, rep = side_by_side(model, args, options={**ALL, **(options or {})}, dynamic=dynamic)
     return bd_err, ind_err, rep
 
 
@@ -162,3 +163,15 @@ def test_stale_weights_bd():
         model.k_proj.weight.copy_(torch.randn_like(model.k_proj.weight) * 0.2)
         model.o_proj.weight.mul_(0.5)
         torch.testing.assert_close(f(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cost_model_declines_gather_form_on_cpu():
+    """Without a fused kernel, per-head pivots need a gather and a batched matmul, which
+    the cost model estimates slower than the dense projection on CPU: skipped, and the
+    output is then exactly plain Inductor's."""
+    torch.manual_seed(15)
+    bd_err, ind_err, _, _, rep = side_by_side(MHA(), (torch.randn(2, 8, 64),))
+    assert rep.rewrites == []
+    assert {s.kind for s in rep.skipped} == {"bd_qk", "bd_vo"}
+    assert all(s.reason.startswith("cost model:") for s in rep.skipped), str(rep)
+    assert bd_err == ind_err

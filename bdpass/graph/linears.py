@@ -46,6 +46,16 @@ class LinearSite:
         return None if self.bias is None else args[self.bias.index]
 
     @property
+    def tokens(self) -> int:
+        """Rows the site processes for the example inputs (product of leading dims)."""
+        shp = shape_of(self.input) or ()
+        n = 1
+        for d in shp[:-1]:
+            h = size_hint(d)
+            n *= h if h is not None else 1
+        return n
+
+    @property
     def param_count(self) -> int:
         return self.d_in * self.d_out + (self.d_out if self.bias is not None else 0)
 

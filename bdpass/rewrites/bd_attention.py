@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from .. import cost
 from .._compat import module_path_of
 from ..graph.layout import LayoutResult, decode
 from ..graph.linears import LinearSite
@@ -328,8 +329,30 @@ class _ComponentMath:
         return out
 
 
+def estimate(comp: Component, sites: Sequence[LinearSite]) -> str | None:
+    """The cost model's objection to rewriting this component, or None."""
+    by_src: dict[int, list[Group]] = defaultdict(list)
+    for g in comp.groups:
+        by_src[g.source].append(g)
+    for s, gs in by_src.items():
+        site = sites[s]
+        gsz = len(gs[0].cols)
+        bd_cols = sum(len(g.cols) for g in gs)
+        dtype = dtype_of(site.output) or site.weight.tensor.dtype
+        dev = site.weight.tensor.device
+        est = cost.bd_projection(site.tokens, site.d_in, site.d_out - bd_cols, len(gs), gsz, dtype, dev)
+        if not est.pays:
+            return est.reason(f"the BD projection of {site.weight.name}", cost.device_model(dev), site.tokens)
+    return None
+
+
 def apply_component(editor: GraphEditor, comp: Component, sites: Sequence[LinearSite],
-                    first_index: int, error_budget: float) -> tuple[list[RewriteRecord], list[SkipRecord]]:
+                    first_index: int, error_budget: float,
+                    cost_model: bool = True) -> tuple[list[RewriteRecord], list[SkipRecord]]:
+    if cost_model:
+        why = estimate(comp, sites)
+        if why is not None:
+            return [], [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
     math_ = _ComponentMath(comp, sites, error_budget)
     try:
         fac = math_.factors(editor.example_inputs)

@@ -28,6 +28,7 @@ import torch
 import torch.fx
 
 from .._compat import example_value, size_hint
+from .. import cost
 from ..graph.linears import LinearSite
 from ..graph.ops import arg, canonical, cast_method_dtype, dtype_of, shape_of
 from ..identities import FactorizationError, pifa_factors
@@ -198,7 +199,7 @@ def _factors_fn(chain: Chain, error_budget: float):
 
 
 def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: float,
-                min_saving: float) -> RewriteRecord | SkipRecord:
+                min_saving: float, cost_model: bool = True) -> RewriteRecord | SkipRecord:
     """Factorize and rewrite one chain; a SkipRecord if it is refused."""
     first, second = chain.first, chain.second
     r, d_in, d_out = chain.rank, first.d_in, second.d_out
@@ -206,6 +207,12 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
     if saving < min_saving:
         return SkipRecord(KIND, chain.site, f"saves {100 * saving:.2g}% of the chain's weights, below "
                                             f"min_saving={100 * min_saving:.2g}%")
+    if cost_model:
+        dtype = dtype_of(second.core) or second.weight.tensor.dtype
+        est = cost.pifa(first.tokens, d_in, r, d_out, dtype, second.weight.tensor.device)
+        if not est.pays:
+            return SkipRecord(KIND, chain.site, est.reason("the PIFA pair", cost.device_model(
+                second.weight.tensor.device), first.tokens))
     compute, tensors_fn = _factors_fn(chain, error_budget)
     try:
         f = compute(editor.example_inputs)

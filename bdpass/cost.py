@@ -1,0 +1,93 @@
+"""Does a rewrite pay off? A roofline estimate of the original and the rewritten
+computation of one site, per device class, dtype and token count.
+
+Each kernel costs ``max(flops / peak, bytes / bandwidth) / efficiency + launch``. The
+rewritten form is accepted only if its estimate is at most ``1 - MARGIN`` of the
+original's (never slower, with room for estimation error). The token count ``M`` is the
+product of the site input's leading dimensions for the example inputs the graph was
+compiled with (a dynamic graph keeps the decision made for its first shape).
+
+Device constants are deliberately round numbers for the machines we measure on (a 2-core
+AVX-512 CPU with AMX for bf16; an H100); ``efficiency`` of the gather + batched-matmul form
+that BD's per-head pivots need without a fused kernel was calibrated on the CPU with
+``python benchmarks/bd_cpu_forms.py`` (0.41x of dense at DeepSeek-V2-Lite's K shape).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MARGIN = 0.03
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    name: str
+    peak: dict            # dtype -> FLOP/s of a large GEMM
+    bandwidth: float      # bytes/s
+    launch: float         # seconds of fixed cost per extra kernel
+    gather_bmm_efficiency: float   # per-head gather + bmm relative to a dense GEMM
+
+
+CPU = DeviceModel("cpu", {torch.float32: 1.0e11, torch.bfloat16: 6.0e11, torch.float16: 1.0e11,
+                          torch.float64: 5.0e10}, 1.5e10, 3e-6, 0.4)
+CUDA = DeviceModel("cuda", {torch.float32: 5.0e13, torch.bfloat16: 6.0e14, torch.float16: 6.0e14,
+                            torch.float64: 5.0e13}, 3.0e12, 4e-6, 0.4)
+
+
+def device_model(device: torch.device) -> DeviceModel:
+    return CUDA if device.type == "cuda" else CPU
+
+
+def _gemm(dev: DeviceModel, M: int, K: int, N: int, dtype: torch.dtype, eff: float = 1.0) -> float:
+    elt = torch.finfo(dtype).bits // 8
+    flops = 2.0 * M * K * N
+    bytes_ = (M * K + K * N + M * N) * elt
+    return max(flops / dev.peak.get(dtype, dev.peak[torch.float32]), bytes_ / dev.bandwidth) / eff + dev.launch
+
+
+def _pointwise(dev: DeviceModel, elements: int, dtype: torch.dtype, passes: int = 3) -> float:
+    elt = torch.finfo(dtype).bits // 8
+    return elements * elt * passes / dev.bandwidth + dev.launch
+
+
+@dataclass
+class Estimate:
+    original: float
+    rewritten: float
+
+    @property
+    def ratio(self) -> float:
+        """Estimated speedup: original / rewritten."""
+        return self.original / self.rewritten if self.rewritten > 0 else float("inf")
+
+    @property
+    def pays(self) -> bool:
+        return self.rewritten <= (1.0 - MARGIN) * self.original
+
+    def reason(self, what: str, dev: DeviceModel, M: int) -> str:
+        return (f"cost model: {what} estimated at {self.ratio:.2f}x of the original on {dev.name} "
+                f"at {M} tokens (needs >= {1 / (1 - MARGIN):.2f}x)")
+
+
+def pifa(M: int, d_in: int, r: int, d_out: int, dtype: torch.dtype, device: torch.device) -> Estimate:
+    dev = device_model(device)
+    orig = _gemm(dev, M, d_in, r, dtype) + _gemm(dev, M, r, d_out, dtype)
+    new = _gemm(dev, M, d_in, r, dtype) + _gemm(dev, M, r, d_out - r, dtype) + _pointwise(dev, M * d_out, dtype)
+    return Estimate(orig, new)
+
+
+def bd_projection(M: int, d_in: int, d_out_dense: int, heads: int, g: int, dtype: torch.dtype,
+                  device: torch.device) -> Estimate:
+    """A projection whose ``heads`` x ``g`` columns are rewritten per head (gather + batched
+    matmul + identity add), the other ``d_out_dense`` columns computed densely."""
+    dev = device_model(device)
+    n_total = d_out_dense + heads * g
+    orig = _gemm(dev, M, d_in, n_total, dtype)
+    new = _gemm(dev, M, d_in, d_out_dense, dtype) if d_out_dense else 0.0
+    new += _pointwise(dev, M * heads * d_in, dtype, passes=2)                 # gathers of x
+    new += _gemm(dev, M, d_in - g, heads * g, dtype, eff=dev.gather_bmm_efficiency)
+    new += _pointwise(dev, M * heads * g, dtype)                               # identity add
+    new += _pointwise(dev, M * n_total, dtype)                                 # column order
+    return Estimate(orig, new)

@@ -1,0 +1,242 @@
+"""Terminal rendering of a Diff (fits ``width`` columns, 100 by default)."""
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+from typing import TYPE_CHECKING
+
+from ..report import NodeRecord
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import Diff, GraphDiff, Row, Stats
+
+_MANGLED = re.compile(r"\bl_self_[A-Za-z0-9_]+")
+
+
+def short_name(name: str) -> str:
+    """Dynamo's mangled parameter names as module paths:
+    ``l_self_modules_h_modules_0_modules_attn_parameters_weight_`` -> ``h.0.attn.weight``."""
+    def one(m: re.Match) -> str:
+        s = m.group(0)[len("l_self_"):]
+        s = re.sub(r"(^|_)(modules|parameters|buffers)_", ".", s)
+        return s.strip("._") or m.group(0)
+    return _MANGLED.sub(one, name)
+
+
+def node_text(rec: NodeRecord | None) -> str:
+    if rec is None:
+        return ""
+    name = short_name(rec.name)
+    shape = f" {list(rec.shape)}" if rec.shape is not None else ""
+    if rec.op == "placeholder":
+        return f"{name}: input{shape}"
+    if rec.op == "output":
+        return f"return {short_name(rec.args)}"
+    if rec.op == "get_attr":
+        return f"{name} = {short_name(rec.target)}"
+    method = "." if rec.op == "call_method" else ""
+    return f"{name} = {method}{rec.target}({short_name(rec.args)})"
+
+
+def fmt_err(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x != x:
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    return f"{x:.1e}"
+
+
+def fmt_db(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x != x:
+        return "nan"
+    if math.isinf(x):
+        return "exact" if x > 0 else "-inf"
+    return f"{x:.1f}"
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return str(n)
+
+
+def _fit(s: str, w: int) -> str:
+    if len(s) <= w:
+        return s.ljust(w)
+    return s[: max(w - 3, 0)] + "..."
+
+
+def _pct(before: int, after: int) -> str:
+    if not before:
+        return ""
+    return f" ({100.0 * (after - before) / before:+.1f}%)"
+
+
+def summary_lines(d: "Diff", width: int = 100) -> list[str]:
+    rep = d.report
+    kinds: dict[str, int] = {}
+    for r in rep.rewrites:
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
+    applied = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none"
+    n = len(d.graphs)
+    out = [f"bdpass diff: {n} graph{'s' if n != 1 else ''}; rewrites {applied}; "
+           f"skipped {len(rep.skipped)}; dtype {d.dtype or '-'}"]
+    why = d.nothing_matched()
+    if why:
+        out.append(why)
+    t = d.totals()
+    out.append(f"weights   {t['params_before']:,} -> {t['params_after']:,} elements"
+               f"{_pct(t['params_before'], t['params_after'])}; "
+               f"{fmt_bytes(t['bytes_before'])} -> {fmt_bytes(t['bytes_after'])}")
+    if t["flops_before"] is not None:
+        out.append(f"FLOPs     {t['flops_before']:,} -> {t['flops_after']:,} matmul FLOPs on this input"
+                   f"{_pct(t['flops_before'], t['flops_after'])}; rewrites save "
+                   f"{t['flops_saved_per_token']:,} per token")
+    else:
+        out.append(f"FLOPs     rewrites save {t['flops_saved_per_token']:,} per token")
+    for g in d.graphs:
+        outs = [r for r in g.outputs() if r.orig is not None or r.new is not None]
+        if outs and g.numerics_error is None:
+            worst_o = max((r.orig.rel_l2 for r in outs if r.orig), default=None)
+            worst_n = max((r.new.rel_l2 for r in outs if r.new), default=None)
+            out.append(f"graph {g.position} outputs: rel-err vs float64 original {fmt_err(worst_o)}, "
+                       f"rewritten {fmt_err(worst_n)}")
+    if d.floor is not None:
+        rule = f"rule: rewritten rel-err > max(2 x original, {d.options.error_budget:g} x u = {d.floor:.3g})"
+        fd = d.first_divergence
+        if fd is None:
+            out.append(f"first divergence: none ({rule})")
+        else:
+            g, row = fd
+            out.append(f"first divergence: graph {g.position} node {short_name(row.name)}: rewritten "
+                       f"{fmt_err(row.new.rel_l2 if row.new else None)} vs original "
+                       f"{fmt_err(row.orig.rel_l2 if row.orig else None)} ({rule})")
+    return [ln for x in out for ln in textwrap.wrap(x, width, subsequent_indent="  ")] or [""]
+
+
+def rule_lines(d: "Diff", width: int = 100) -> list[str]:
+    rows = d.rules()
+    out = ["Rules", f"{'rule':<8}{'enabled':<9}{'matched':>8}{'applied':>9}{'skipped':>9}"]
+    for r in rows:
+        out.append(f"{r.kind:<8}{'yes' if r.enabled else 'no':<9}{r.matched:>8}{r.applied:>9}{r.skipped:>9}")
+        for reason, cnt in r.reasons:
+            out += textwrap.wrap(f"{cnt}x {reason}", width, initial_indent="    skipped: ",
+                                 subsequent_indent=" " * 13)
+    return out
+
+
+def _row_marker(row: "Row") -> str:
+    m = {"same": " ", "replaced": "~", "removed": "-", "added": "+", "removed+added": "-+"}[row.status]
+    if row.region is not None:
+        m = f"R{row.region}{m}"
+    if row.diverged:
+        m = "!" + m
+    return m
+
+
+def _visible(g: "GraphDiff", context: int | None) -> list[bool]:
+    n = len(g.rows)
+    if context is None or context < 0:
+        return [True] * n
+    keep = [False] * n
+    for i, r in enumerate(g.rows):
+        if r.status != "same" or r.diverged or r.returned or r.after is None or r.before is None \
+                or (r.after.args != r.before.args):
+            for j in range(max(0, i - context), min(n, i + context + 1)):
+                keep[j] = True
+    return keep
+
+
+def graph_lines(d: "Diff", g: "GraphDiff", width: int = 100, context: int | None = 3) -> list[str]:
+    rep = g.report
+    n_b = len(rep.nodes_before)
+    n_a = len(rep.nodes_after) if g.rewritten else n_b
+    head = (f"Graph {g.position} (backend graph #{rep.index}): {n_b} -> {n_a} nodes, "
+            f"{len(g.regions)} rewritten region{'s' if len(g.regions) != 1 else ''}")
+    out = ["", "=" * min(width, len(head)), head]
+    if rep.fallback:
+        out += textwrap.wrap(f"fell back: {rep.fallback}", width, subsequent_indent="  ")
+    if g.numerics_error:
+        out += textwrap.wrap(f"numerics unavailable: {g.numerics_error}", width, subsequent_indent="  ")
+    for k, reg in enumerate(g.regions):
+        for i in reg.records:
+            r = rep.rewrites[i]
+            out += textwrap.wrap(
+                f"R{k}: {r.kind} {r.site}: params {r.params_before:,} -> {r.params_after:,}, "
+                f"{r.flops_saved:,} FLOPs/token saved, cond {r.cond:.3g}, error bound {r.error_bound:.3g}",
+                width, subsequent_indent="      ")
+    for s in rep.skipped:
+        out += textwrap.wrap(f"skipped {s.kind} {s.site}: {s.reason}", width, subsequent_indent="      ")
+    if not g.rewritten and not rep.skipped and not rep.fallback:
+        out.append(f"no rewrites: {_nothing_found()}")
+
+    num_w = 8 + 1 + 9 + 1 + 7          # orig rel, new rel, sqnr
+    mark_w = 5
+    side = max((width - mark_w - num_w - 3) // 2, 12)
+    out.append("")
+    out.append(f"{'':<{mark_w}}{_fit('original', side)} {_fit('rewritten', side)} "
+               f"{'orig.rel':>8} {'rewr.rel':>9} {'SQNR dB':>7}")
+    vis = _visible(g, context)
+    hidden = 0
+    prev_region = None
+    for row, show in zip(g.rows, vis):
+        if not show:
+            hidden += 1
+            prev_region = None
+            continue
+        if hidden:
+            out.append(f"{'':<{mark_w}}... {hidden} unchanged node{'s' if hidden != 1 else ''} ...")
+            hidden = 0
+        if row.region is not None and row.region != prev_region:
+            reg = g.regions[row.region]
+            out.append(_fit(f"{'':<{mark_w}}@@ R{row.region}: {reg.label(rep.rewrites)} @@", width).rstrip())
+        prev_region = row.region
+        left = node_text(row.before)
+        if row.status == "same" and row.after is not None and row.before is not None \
+                and row.after.args == row.before.args:
+            right = "="
+        else:
+            right = node_text(row.after)
+        new = fmt_err(row.new.rel_l2 if row.new else None)
+        if row.new is not None and row.ref_kind == "new64":
+            new += "*"
+        elif row.new is not None:
+            new += " "
+        sq = fmt_db(row.new.sqnr_db if row.new else (row.orig.sqnr_db if row.orig else None))
+        out.append(f"{_row_marker(row):<{mark_w}}{_fit(left, side)} {_fit(right, side)} "
+                   f"{fmt_err(row.orig.rel_l2 if row.orig else None):>8} {new:>9} {sq:>7}".rstrip())
+    if hidden:
+        out.append(f"{'':<{mark_w}}... {hidden} unchanged node{'s' if hidden != 1 else ''} ...")
+    return out
+
+
+def _nothing_found() -> str:
+    from .core import NOTHING_FOUND
+    return NOTHING_FOUND
+
+
+LEGEND = ("marks: ~ replaced (original node and its replacement)  - removed  + added  "
+          "Rk rewrite region k  ! diverged;  '=' same node, same arguments.  rel: relative L2 error "
+          "vs the float64 run of the original graph; *: vs the float64 run of the rewritten graph "
+          "(nodes internal to a rewrite, and values in a changed basis inside a BD span).  "
+          "u: unit roundoff of the model dtype.")
+
+
+def render_text(d: "Diff", width: int = 100, context: int | None = 3) -> str:
+    out = summary_lines(d, width)
+    out.append("")
+    out += rule_lines(d, width)
+    for g in d.graphs:
+        out += graph_lines(d, g, width, context)
+    out.append("")
+    out += textwrap.wrap(LEGEND, width)
+    return "\n".join(line[:width].rstrip() for line in out)
