@@ -290,3 +290,31 @@ def test_cost_model_decisions():
     torch.manual_seed(15)
     rep = bdpass.explain(SvdLinear(32, 8, 32), torch.randn(4, 32))
     assert rep.rewrites == [] and rep.skipped[0].reason.startswith("cost model:"), str(rep)
+
+
+def _low_rank_llama():
+    import zoo
+
+    model, args, kwargs = zoo.build("llama")
+    torch.manual_seed(16)
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and "layers" in name:
+                r = min(child.in_features, child.out_features) // 2
+                pair = torch.nn.Sequential(torch.nn.Linear(child.in_features, r, bias=False),
+                                           torch.nn.Linear(r, child.out_features, bias=child.bias is not None))
+                setattr(mod, child_name, pair)
+    return model.eval(), args, kwargs
+
+
+def test_hf_llama_with_low_rank_linears():
+    model, args, kwargs = _low_rank_llama()
+    bd_err, ind_err, bd, _, rep = side_by_side(model, args, kwargs, options={"cost_model": False})
+    n_pairs = sum(1 for m in model.modules() if isinstance(m, torch.nn.Sequential))
+    assert sum(r.kind == "pifa" for r in rep.rewrites) == n_pairs == 14, str(rep)
+    assert rep.params_after < rep.params_before
+    bound = max(r.error_bound for r in rep.rewrites)
+    assert bd_err <= bound * ind_err, (bd_err, ind_err, bound)
+    with torch.no_grad():
+        ref = model(*args, **kwargs).logits
+    assert (bd.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
