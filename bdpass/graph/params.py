@@ -42,6 +42,30 @@ def find_params(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict
     return out
 
 
+def weight_problem(params: list[ParamInfo]) -> str | None:
+    """Why these weights cannot be factorized (None if they can)."""
+    devices = set()
+    for p in params:
+        t = p.tensor
+        if t.device.type == "meta":
+            return f"{p.name} is on the meta device"
+        if not t.is_floating_point() or t.element_size() < 2:
+            return f"{p.name} has dtype {str(t.dtype).replace('torch.', '')} (needs float16/bfloat16/float32/float64)"
+        if _is_subclass(t):
+            return f"{p.name} is a tensor subclass ({type(t).__name__})"
+        if t.numel() == 0:
+            return f"{p.name} has a zero-size dimension"
+        devices.add(t.device)
+    if len(devices) > 1:
+        return "weights on different devices (" + ", ".join(sorted(map(str, devices))) + ")"
+    return None
+
+
+def _is_subclass(t: torch.Tensor) -> bool:
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    return type(data) is not torch.Tensor
+
+
 def weight_numel(params: dict[torch.fx.Node, ParamInfo], gm: torch.fx.GraphModule | None = None) -> int:
     """Elements of the weights a graph reads (placeholders with users)."""
     return sum(p.tensor.numel() for n, p in params.items() if len(n.users) > 0)

@@ -31,6 +31,7 @@ from .. import cost
 from .._compat import module_path_of
 from ..graph.layout import LayoutResult, decode
 from ..graph.linears import LinearSite
+from ..graph.params import weight_problem
 from ..graph.ops import dtype_of
 from ..identities import FactorizationError, bd_factors
 from ..report import RewriteRecord, SkipRecord
@@ -195,10 +196,8 @@ class _Planner:
                 elif any(rows is None for _, rows in g.o_partners):
                     reason = "output projection rows of a head are not in channel order"
             if reason is None:
-                wd = [self.sites[g.source].weight.tensor.dtype] + \
-                     [self.sites[i].weight.tensor.dtype for i, _ in g.q_partners | g.o_partners]
-                if not all(d.is_floating_point and d.itemsize >= 2 for d in wd):
-                    reason = f"non-floating-point weights ({wd[0]})"
+                involved = [self.sites[g.source]] + [self.sites[i] for i, _ in g.q_partners | g.o_partners]
+                reason = weight_problem([p for s in involved for p in (s.weight, s.bias) if p is not None])
             if reason is not None:
                 self.skip(kind, g.site, reason)
                 continue

@@ -30,6 +30,7 @@ import torch.fx
 from .._compat import example_value, size_hint
 from .. import cost
 from ..graph.linears import LinearSite
+from ..graph.params import weight_problem
 from ..graph.ops import arg, canonical, cast_method_dtype, dtype_of, shape_of
 from ..identities import FactorizationError, pifa_factors
 from ..report import RewriteRecord, SkipRecord
@@ -170,9 +171,7 @@ def find_chains(linears: Sequence[LinearSite]) -> tuple[list[Chain], list[SkipRe
         if blocked is None and dtype_of(first.output) != dtype_of(second.core):
             blocked = "the two linears compute in different dtypes"
         if blocked is None:
-            wd = {first.weight.tensor.dtype, second.weight.tensor.dtype}
-            if not all(d.is_floating_point for d in wd):
-                blocked = f"non-floating-point weights ({', '.join(map(str, wd))})"
+            blocked = weight_problem([p for s in (first, second) for p in (s.weight, s.bias) if p is not None])
         if blocked:
             skips.append(SkipRecord(KIND, chain.site, blocked))
             continue
