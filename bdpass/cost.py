@@ -7,10 +7,13 @@ original's (never slower, with room for estimation error). The token count ``M``
 product of the site input's leading dimensions for the example inputs the graph was
 compiled with (a dynamic graph keeps the decision made for its first shape).
 
-Device constants are deliberately round numbers for the machines we measure on (a 2-core
-AVX-512 CPU with AMX for bf16; an H100); ``efficiency`` of the gather + batched-matmul form
-that BD's per-head pivots need without a fused kernel was calibrated on the CPU with
-``python benchmarks/bd_cpu_forms.py`` (0.41x of dense at DeepSeek-V2-Lite's K shape).
+Device constants are round numbers for the machines we measure on (a 2-core AVX-512 CPU
+with AMX for bf16; an H100). On the CPU they were calibrated with
+``python benchmarks/pifa_chain.py --d 2048 --tokens 64,512,2048`` (fp32 GEMMs ~260
+GFLOP/s, bf16 ~1.4 TFLOP/s, an index-gathering Inductor kernel ~1.2 ns per element) and
+``python benchmarks/bd_cpu_forms.py`` (the gather + batched-matmul form that BD's per-head
+pivots need without a fused kernel runs at 0.41x of the dense projection at
+DeepSeek-V2-Lite's K shape). The CUDA constants are not yet calibrated on a GPU.
 """
 from __future__ import annotations
 
@@ -28,12 +31,13 @@ class DeviceModel:
     bandwidth: float      # bytes/s
     launch: float         # seconds of fixed cost per extra kernel
     gather_bmm_efficiency: float   # per-head gather + bmm relative to a dense GEMM
+    gather_element: float          # seconds per element of an index-gathering pointwise kernel
 
 
-CPU = DeviceModel("cpu", {torch.float32: 1.0e11, torch.bfloat16: 6.0e11, torch.float16: 1.0e11,
-                          torch.float64: 5.0e10}, 1.5e10, 3e-6, 0.4)
+CPU = DeviceModel("cpu", {torch.float32: 2.5e11, torch.bfloat16: 1.5e12, torch.float16: 1.0e11,
+                          torch.float64: 1.2e11}, 1.5e10, 3e-6, 0.4, 1.2e-9)
 CUDA = DeviceModel("cuda", {torch.float32: 5.0e13, torch.bfloat16: 6.0e14, torch.float16: 6.0e14,
-                            torch.float64: 5.0e13}, 3.0e12, 4e-6, 0.4)
+                            torch.float64: 5.0e13}, 3.0e12, 4e-6, 0.4, 1.0e-12)
 
 
 def device_model(device: torch.device) -> DeviceModel:
@@ -50,6 +54,11 @@ def _gemm(dev: DeviceModel, M: int, K: int, N: int, dtype: torch.dtype, eff: flo
 def _pointwise(dev: DeviceModel, elements: int, dtype: torch.dtype, passes: int = 3) -> float:
     elt = torch.finfo(dtype).bits // 8
     return elements * elt * passes / dev.bandwidth + dev.launch
+
+
+def _gather(dev: DeviceModel, elements: int, dtype: torch.dtype) -> float:
+    """A pointwise kernel whose loads go through an index tensor."""
+    return max(elements * dev.gather_element, _pointwise(dev, elements, dtype) - dev.launch) + dev.launch
 
 
 @dataclass
@@ -74,7 +83,7 @@ class Estimate:
 def pifa(M: int, d_in: int, r: int, d_out: int, dtype: torch.dtype, device: torch.device) -> Estimate:
     dev = device_model(device)
     orig = _gemm(dev, M, d_in, r, dtype) + _gemm(dev, M, r, d_out, dtype)
-    new = _gemm(dev, M, d_in, r, dtype) + _gemm(dev, M, r, d_out - r, dtype) + _pointwise(dev, M * d_out, dtype)
+    new = _gemm(dev, M, d_in, r, dtype) + _gemm(dev, M, r, d_out - r, dtype) + _gather(dev, M * d_out, dtype)
     return Estimate(orig, new)
 
 
@@ -86,8 +95,8 @@ def bd_projection(M: int, d_in: int, d_out_dense: int, heads: int, g: int, dtype
     n_total = d_out_dense + heads * g
     orig = _gemm(dev, M, d_in, n_total, dtype)
     new = _gemm(dev, M, d_in, d_out_dense, dtype) if d_out_dense else 0.0
-    new += _pointwise(dev, M * heads * d_in, dtype, passes=2)                 # gathers of x
+    new += _gather(dev, M * heads * d_in, dtype)                               # gathers of x
     new += _gemm(dev, M, d_in - g, heads * g, dtype, eff=dev.gather_bmm_efficiency)
     new += _pointwise(dev, M * heads * g, dtype)                               # identity add
-    new += _pointwise(dev, M * n_total, dtype)                                 # column order
+    new += _gather(dev, M * n_total, dtype)                                    # column order
     return Estimate(orig, new)
