@@ -7,7 +7,7 @@ this package does not register it again.
 """
 from .api import collect_reports, explain
 from .backend import bd_backend
-from .diff import diff
+from . import diff  # callable: bdpass.diff(model, *args, options=None, **kwargs)
 from .options import BDOptions
 from .report import GraphReport, Report, RewriteRecord, SkipRecord
 from .runtime import VerificationError

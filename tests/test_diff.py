@@ -273,6 +273,22 @@ def test_nothing_applied_lists_skip_reasons():
     assert reason[:30] in " ".join(d.to_text(width=100).split())
 
 
+def test_numerics_failure_is_reported(monkeypatch):
+    import bdpass.diff.core as core
+
+    def boom(self, n):
+        raise RuntimeError("cannot run this node\nsecond line")
+
+    monkeypatch.setattr(core._Recorder, "run_node", boom)
+    d = bdpass.diff(_seeded(LowRank), torch.randn(2, 5, 32), options=OPTS)
+    g = d.graphs[0]
+    assert g.rewritten and g.numerics_error == "RuntimeError: cannot run this node"
+    assert all(r.orig is None and r.new is None for r in g.rows)
+    text = d.to_text()
+    assert "numerics unavailable" in text and "first divergence: unknown" in text
+    json.loads(d.to_json())
+
+
 # ---------------------------------------------------------------------------- renderers
 def test_json(lowrank):
     data = json.loads(lowrank.to_json())

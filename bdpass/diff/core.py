@@ -9,33 +9,50 @@ Alignment
     node lists are aligned by name (an LCS over the names in graph order). What is left
     are rewritten regions: nodes of the original graph a rewrite removed (tagged with the
     rewrite in ``GraphReport.nodes_before``) and nodes it created (tagged with
-    ``bdpass_rewrite`` / ``bdpass_origin``), shown side by side. One region is one rewrite
-    step: a PIFA chain, or a BD attention component (its ``bd_qk``/``bd_vo`` records).
-    Inside a region, the node that *replaces* an original node - a new node whose value
-    leaves the region (used by an untouched node or returned) - is paired with its
-    ``origin``. Other new nodes are internal (derived weights, pivot rows, partial
-    products): they compute different quantities than any original node, even where the
-    shapes agree, so they get no numerics.
+    ``bdpass_rewrite`` / ``bdpass_origin``; new weight inputs take the region of their
+    users), shown side by side. One region is one rewrite step: a PIFA chain, or a BD
+    attention component (its ``bd_qk``/``bd_vo`` records). Inside a region, the node that
+    *replaces* an original node - a new node whose value leaves the region (used by an
+    untouched node, another region, or returned) - is paired with its ``origin`` on one
+    row. Other new nodes are *internal* (pivot rows, partial products, concatenations):
+    they compute other quantities than any original node, even where the shapes agree.
 
 Numerics
-    Each graph is run three times through an ``fx.Interpreter`` that records every node:
-    the original graph in float64 (floating inputs, parameters included, cast to float64;
-    this is the reference), the original graph in the model dtype, and the rewritten graph
-    in the model dtype (with its derived weights as computed by the backend). For every
-    node with a floating tensor value the model-dtype value is compared with the float64
-    value of the original node of the same name; a replacement node is compared with the
-    float64 value of its ``origin`` (when the shapes agree). Measures, on the finite
+    Each graph is run through an ``fx.Interpreter`` that records every node: the original
+    graph in float64 (floating inputs, parameters included, cast to float64: the
+    reference), the original graph in the model dtype, the rewritten graph in the model
+    dtype (its derived weights as the backend computed them) and, when it differs, the
+    rewritten graph in float64 (same derived weights, cast). Each graph is measured on the
+    inputs the model fed it (after a graph break: the model-dtype values of the previous
+    graph). For every node with a floating tensor value, the model-dtype value is compared
+    with the float64 value of the original node of the same name; a replacement with the
+    float64 value of its ``origin``. Internal nodes are compared with the float64 run of
+    the rewritten graph (marked ``*`` / ``ref_kind == "new64"``). Measures, on the finite
     entries (a mismatch in the pattern of inf/nan counts as an infinite error):
 
     * ``max_abs``  = max |y - y64|
     * ``rel_l2``   = ||y - y64||_2 / ||y64||_2
     * ``sqnr_db``  = 10 log10(||y64||^2 / ||y - y64||^2)   (inf when exact)
 
+    ``dev64`` is ``rel_l2`` between the two float64 runs at a node: the effect of rounding
+    the derived weights to the model dtype, or a value that is not the original one.
+
+BD spans
+    BD replaces a q/k/v projection by one whose output is the original in another
+    per-head basis; the basis cancels in the attention scores (q, k) or in the output
+    projection (v). Between the two, untouched nodes carry values that legitimately
+    differ from the original graph. Such nodes (``basis_changed``: ``dev64 > 0.1``, fed
+    from a BD replacement whose own inputs are in the original basis, and not returned
+    by the graph) are compared with the float64 run of the rewritten graph instead, so
+    their error is rounding error only; the key comparison is where the basis cancels
+    (the output-projection replacement, the scores), which is against the original.
+
 Divergence rule
     The backend option ``error_budget`` (``B``, default 100) is the largest factor by which
     a rewrite may multiply the rounding error of the computation it replaces. With ``u``
     the unit roundoff of the model dtype (``finfo.eps / 2``: 6.0e-8 for float32, 3.9e-3
-    for bfloat16, 4.9e-4 for float16), a node *diverges* when::
+    for bfloat16, 4.9e-4 for float16), a node (untouched, or a replacement paired with its
+    origin) *diverges* when::
 
         rel_l2(rewritten) > max(2 * rel_l2(original), B * u)
 
@@ -44,7 +61,8 @@ Divergence rule
     floor keeps exact or near-exact nodes, where twice the original error is 0 or
     noise, from being flagged). A non-finite rewritten error where the original one is
     finite always diverges. ``Diff.first_divergence`` is the first diverging node in
-    graph order (graphs in compile order), or None.
+    graph order (graphs in compile order), or None. ``Diff.worst_growth`` is the largest
+    ratio rewritten / original error over those nodes, whether or not it diverges.
 
 Costs
     Parameter bytes are weight elements (``GraphReport.params_*``) times the element size
@@ -52,8 +70,8 @@ Costs
     ``torch.utils.flop_counter`` (this input, whole graph, before and after), and the
     per-token saving the rewrites claim (``RewriteRecord.flops_saved``).
 
-The tool is meant for small models and inputs: the float64 values of every node of the
-original graphs are kept in memory while the diff is built.
+The tool is meant for small models and inputs: the float64 values of every node are kept
+in memory while the diff is built.
 """
 from __future__ import annotations
 
@@ -94,8 +112,8 @@ class Row:
     """One line of the side-by-side view.
 
     status: ``same`` (untouched node, both sides), ``replaced`` (an original node and the
-    node that replaces it), ``removed`` / ``added`` (one side only; inside a region the two
-    sides of such a row are unrelated nodes shown next to each other)."""
+    node that replaces it), ``removed`` / ``added`` (one side only), ``removed+added`` (in
+    a region: a removed and an added node that are not related, shown side by side)."""
     before: NodeRecord | None
     after: NodeRecord | None
     status: str
@@ -180,6 +198,22 @@ class Diff:
             if g.first_divergence is not None:
                 return g, g.rows[g.first_divergence]
         return None
+
+    def worst_growth(self) -> tuple[float, GraphDiff, Row] | None:
+        """Largest ratio rewritten / original relative error over the compared nodes."""
+        best = None
+        for g in self.graphs:
+            if not g.rewritten:
+                continue
+            for r in g.rows:
+                if r.status not in ("same", "replaced") or r.orig is None or r.new is None:
+                    continue
+                o, n = r.orig.rel_l2, r.new.rel_l2
+                if not (o > 0 and math.isfinite(o) and math.isfinite(n)):
+                    continue
+                if best is None or n / o > best[0]:
+                    best = (n / o, g, r)
+        return best
 
     def rules(self) -> list[RuleRow]:
         kinds = list(RULES)
@@ -306,7 +340,8 @@ def build_diff(report: Report, options: Any = None) -> Diff:
                     r.orig = r.new = None
                     r.diverged = False
                 gd.first_divergence = None
-                gd.numerics_error = f"{type(e).__name__}: {e}"
+                msg = str(e).strip().splitlines()
+                gd.numerics_error = f"{type(e).__name__}: {msg[0] if msg else ''}"
     return Diff(report=report, graphs=graphs, options=opts,
                 dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
                 unit_roundoff=u, floor=floor)
@@ -418,6 +453,11 @@ def _align(gd: GraphDiff) -> None:
             continue
         left, right = before[i1:i2], after[j1:j2]
         roles = {r.name: role_of(r) for r in right}
+        # new inputs (derived weights) get rows of their own, ahead of the computation
+        for r in right:
+            if r.op == "placeholder":
+                gd.rows.append(_region_row(None, r, "added", tag, region_of, roles))
+        right = [r for r in right if r.op != "placeholder"]
         lkeys = [r.name for r in left]
         rkeys: list[Any] = []
         for r in right:
@@ -575,7 +615,7 @@ def _numerics(gd: GraphDiff, floor: float | None) -> None:
     changed: set[str] = set()
     if rewritten:
         for row in gd.rows:
-            if row.after is not None and row.ref is not None:
+            if row.after is not None and row.ref is not None and row.after.op != "placeholder":
                 d = stats(ref_new.get(row.after.name), ref.get(row.ref))
                 row.dev64 = d.rel_l2 if d is not None else None
         changed = _basis_changed(gd, new_gm)

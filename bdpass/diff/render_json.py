@@ -62,6 +62,8 @@ def diff_to_dict(d: "Diff") -> dict:
     if fd is not None:
         g, row = fd
         first = {"graph": g.position, "row": g.first_divergence, **_row(row)}
+    wg = d.worst_growth()
+    growth = None if wg is None else {"ratio": wg[0], "graph": wg[1].position, **_row(wg[2])}
     opts = dataclasses.asdict(d.options)
     opts["inductor"] = dict(opts.get("inductor") or {})
     out = {
@@ -72,6 +74,7 @@ def diff_to_dict(d: "Diff") -> dict:
         "options": opts,
         "nothing_matched": d.nothing_matched(),
         "first_divergence": first,
+        "worst_growth": growth,
         "rules": [{"kind": r.kind, "enabled": r.enabled, "matched": r.matched, "applied": r.applied,
                    "skipped": r.skipped, "reasons": [{"reason": s, "count": c} for s, c in r.reasons]}
                   for r in d.rules()],

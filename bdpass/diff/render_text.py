@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ..report import NodeRecord
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .core import Diff, GraphDiff, Row, Stats
+    from .core import Diff, GraphDiff, Row
 
 _MANGLED = re.compile(r"\bl_self_[A-Za-z0-9_]+")
 
@@ -110,10 +110,18 @@ def summary_lines(d: "Diff", width: int = 100) -> list[str]:
             worst_n = max((r.new.rel_l2 for r in outs if r.new), default=None)
             out.append(f"graph {g.position} outputs: rel-err vs float64 original {fmt_err(worst_o)}, "
                        f"rewritten {fmt_err(worst_n)}")
+    wg = d.worst_growth()
+    if wg is not None:
+        ratio, g, row = wg
+        out.append(f"largest error growth: {ratio:.2f}x at graph {g.position} node {short_name(row.name)} "
+                   f"({fmt_err(row.orig.rel_l2)} -> {fmt_err(row.new.rel_l2)})")
     if d.floor is not None:
         rule = f"rule: rewritten rel-err > max(2 x original, {d.options.error_budget:g} x u = {d.floor:.3g})"
         fd = d.first_divergence
-        if fd is None:
+        missing = [str(g.position) for g in d.graphs if g.numerics_error]
+        if fd is None and missing:
+            out.append(f"first divergence: unknown - no numerics for graph {', '.join(missing)} ({rule})")
+        elif fd is None:
             out.append(f"first divergence: none ({rule})")
         else:
             g, row = fd
@@ -143,17 +151,60 @@ def _row_marker(row: "Row") -> str:
     return m
 
 
-def _visible(g: "GraphDiff", context: int | None) -> list[bool]:
+def _is_derived(r: "Row") -> bool:
+    return r.role == "derived weight"
+
+
+def plan(g: "GraphDiff", context: int | None) -> list[tuple]:
+    """Display items of a graph's rows: ``("row", row, far)`` for every row (``far``: hidden
+    in the collapsed view), preceded by ``("gap", n)`` for a run of ``n`` far unchanged rows
+    and ``("derived", rows)`` for a run of derived-weight inputs (shown collapsed instead)."""
     n = len(g.rows)
     if context is None or context < 0:
-        return [True] * n
+        return [("row", r, False) for r in g.rows]
     keep = [False] * n
     for i, r in enumerate(g.rows):
+        if _is_derived(r):
+            continue
         if r.status != "same" or r.diverged or r.returned or r.after is None or r.before is None \
                 or (r.after.args != r.before.args):
             for j in range(max(0, i - context), min(n, i + context + 1)):
                 keep[j] = True
-    return keep
+    items: list[tuple] = []
+    i = 0
+    while i < n:
+        r = g.rows[i]
+        if _is_derived(r):
+            j = i
+            while j < n and _is_derived(g.rows[j]) and g.rows[j].region == r.region:
+                j += 1
+            items.append(("derived", g.rows[i:j]))
+            items += [("row", x, True) for x in g.rows[i:j]]
+            i = j
+        elif not keep[i]:
+            j = i
+            while j < n and not keep[j] and not _is_derived(g.rows[j]):
+                j += 1
+            items.append(("gap", j - i))
+            items += [("row", x, True) for x in g.rows[i:j]]
+            i = j
+        else:
+            items.append(("row", r, False))
+            i += 1
+    return items
+
+
+def derived_summary(rows: list) -> str:
+    names = [r.after.name for r in rows]
+    numel = 0
+    for r in rows:
+        if r.shape:
+            k = 1
+            for x in r.shape:
+                k *= int(x) if str(x).isdigit() else 1
+            numel += k
+    span = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+    return f"{len(rows)} derived weight{'s' if len(rows) != 1 else ''} {span} ({numel:,} elements)"
 
 
 def graph_lines(d: "Diff", g: "GraphDiff", width: int = 100, context: int | None = 3) -> list[str]:
@@ -185,17 +236,24 @@ def graph_lines(d: "Diff", g: "GraphDiff", width: int = 100, context: int | None
     out.append("")
     out.append(f"{'':<{mark_w}}{_fit('original', side)} {_fit('rewritten', side)} "
                f"{'orig.rel':>8} {'rewr.rel':>9} {'SQNR dB':>7}")
-    vis = _visible(g, context)
-    hidden = 0
     prev_region = None
-    for row, show in zip(g.rows, vis):
-        if not show:
-            hidden += 1
+    for item in plan(g, context):
+        if item[0] == "gap":
+            out.append(f"{'':<{mark_w}}... {item[1]} unchanged node{'s' if item[1] != 1 else ''} ...")
             prev_region = None
             continue
-        if hidden:
-            out.append(f"{'':<{mark_w}}... {hidden} unchanged node{'s' if hidden != 1 else ''} ...")
-            hidden = 0
+        if item[0] == "derived":
+            rows = item[1]
+            if rows[0].region is not None and rows[0].region != prev_region:
+                reg = g.regions[rows[0].region]
+                out.append(_fit(f"{'':<{mark_w}}@@ R{rows[0].region}: {reg.label(rep.rewrites)} @@", width).rstrip())
+            prev_region = rows[0].region
+            mark = f"R{rows[0].region}+" if rows[0].region is not None else "+"
+            out.append(_fit(f"{mark:<{mark_w}}{'':<{side}} {derived_summary(rows)}", width - 1).rstrip())
+            continue
+        _, row, far = item
+        if far:
+            continue
         if row.region is not None and row.region != prev_region:
             reg = g.regions[row.region]
             out.append(_fit(f"{'':<{mark_w}}@@ R{row.region}: {reg.label(rep.rewrites)} @@", width).rstrip())
@@ -214,8 +272,6 @@ def graph_lines(d: "Diff", g: "GraphDiff", width: int = 100, context: int | None
         sq = fmt_db(row.new.sqnr_db if row.new else (row.orig.sqnr_db if row.orig else None))
         out.append(f"{_row_marker(row):<{mark_w}}{_fit(left, side)} {_fit(right, side)} "
                    f"{fmt_err(row.orig.rel_l2 if row.orig else None):>8} {new:>9} {sq:>7}".rstrip())
-    if hidden:
-        out.append(f"{'':<{mark_w}}... {hidden} unchanged node{'s' if hidden != 1 else ''} ...")
     return out
 
 

@@ -687,7 +687,20 @@ class _Analysis:
             self._qk(node, ia, np.swapaxes(ib, -1, -2), nd)
             self.L[node] = None
             return
-        if (ia is None or not (ia != UNTRACKED).any()) and ib is not None and ib.shape[-2] == 1 and b_chan_n:
+        a_tracked = ia is not None and (ia >= 0).any()
+        b_tracked = ib is not None and (ib >= 0).any()
+        if not a_tracked and not b_tracked:
+            # Only touched channels meet here; they are never rewritten (they escaped where
+            # they were touched), so the result does not depend on any rewrite. Keep the
+            # event so that the report can say why this pair was not rewritten.
+            if ia is not None and ib is not None and (ia != UNTRACKED).any() and (ib != UNTRACKED).any():
+                try:
+                    self._qk(node, ia, np.swapaxes(ib, -1, -2), nd)
+                except _Unsupported:
+                    pass
+            self.L[node] = None
+            return
+        if not a_tracked and ib is not None and ib.shape[-2] == 1 and b_chan_n:
             # probs @ v: positions contracted, channels of v carried through
             self._av(node, ib)
             out = _broadcast_to_rank(ib, nd)
