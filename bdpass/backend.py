@@ -162,6 +162,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
                     wrapper = RewrittenGraph(compiled, editor.groups, gm.forward, index,
                                              verify=opts.verify, verify_tol=opts.verify_tol)
                     wrapper.snapshot(example_inputs)
+                    report.derived_bytes = sum(t.numel() * t.element_size() for t in wrapper.derived)
                     result = wrapper
                     kept_new = (new_gm, new_inputs)
     for s in report.skipped:

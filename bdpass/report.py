@@ -59,6 +59,7 @@ class GraphReport:
     lowering: str = "inductor"
     params_before: int = 0          # weight elements the graph reads
     params_after: int = 0
+    derived_bytes: int = 0          # bytes of the factors the compiled graph holds
     nodes_before: list[NodeRecord] = field(default_factory=list)
     nodes_after: list[NodeRecord] = field(default_factory=list)
     # not serialized: set by the backend when a collector asks for graphs
@@ -98,6 +99,10 @@ class Report:
     @property
     def params_after(self) -> int:
         return sum(g.params_after for g in self.graphs)
+
+    @property
+    def derived_bytes(self) -> int:
+        return sum(g.derived_bytes for g in self.graphs)
 
     @property
     def flops_saved(self) -> int:

@@ -318,3 +318,17 @@ def test_hf_llama_with_low_rank_linears():
     with torch.no_grad():
         ref = model(*args, **kwargs).logits
     assert (bd.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
+
+
+def test_resident_weight_bytes_are_reported():
+    """Under torch.compile the module keeps its own weights and the graph holds the factors:
+    the report's derived_bytes is what bd adds on top of plain Inductor's resident weights
+    (``bdpass.prepare`` is the way to hold the factorized weights only)."""
+    torch.manual_seed(17)
+    model = SvdLinear(64, 16, 64).eval()
+    rep = bdpass.explain(model, torch.randn(2, 64), options={"cost_model": False})
+    f = [r for r in rep.rewrites][0]
+    elt = 4
+    assert rep.derived_bytes == (f.params_after * elt) + 64 * 8    # factors + int64 column order
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert rep.params_before * elt == model_bytes
