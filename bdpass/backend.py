@@ -75,17 +75,22 @@ def _plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
     records = []
     chains = []
     if opts.pifa:
-        chains, skips = pifa_rw.find_chains(linears)
+        found, skips = pifa_rw.find_chains(linears)
         report.skipped.extend(skips)
-        for chain in chains:
+        for chain in found:
+            why = pifa_rw.decide_chain(example_inputs, chain, opts.error_budget, opts.min_saving, opts.cost_model)
+            if why is None:
+                chains.append(chain)
+            else:
+                report.skipped.append(why)
+        links = pifa_rw.link_chains(chains)
+        producer_of = {c: p for p, c in links.items()}
+        for k, chain in enumerate(chains):
             if editor is None:
                 editor = GraphEditor(gm, example_inputs)
-            res = pifa_rw.apply_chain(editor, chain, len(records), opts.error_budget, opts.min_saving,
-                                     opts.cost_model)
-            if isinstance(res, pifa_rw.SkipRecord):
-                report.skipped.append(res)
-            else:
-                records.append(res)
+            prod = chains[producer_of[k]] if k in producer_of else None
+            records.append(pifa_rw.apply_chain(editor, chain, len(records), opts.error_budget,
+                                               producer=prod, restore_order=k not in links))
     if opts.bd_qk or opts.bd_vo:
         from .graph.layout import analyze
         from .rewrites import bd_attention

@@ -332,3 +332,24 @@ def test_resident_weight_bytes_are_reported():
     assert rep.derived_bytes == (f.params_after * elt) + 64 * 8    # factors + int64 column order
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert rep.params_before * elt == model_bytes
+
+
+def test_column_order_absorbed_by_next_chain():
+    """up -> gelu -> down: the second chain's first weight takes the first chain's column
+    order, so only the last chain restores the original order."""
+    torch.manual_seed(18)
+    model = LowRankMLP(32, 8, 64).eval()
+    x = torch.randn(2, 5, 32)
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="bd", options={"lowering": "aot_eager", "cost_model": False})
+    with torch.no_grad(), bdpass.collect_reports(keep_graphs=True) as rep:
+        out = f(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+        orders = {r.site: r.details["column_order"] for r in rep.rewrites}
+        assert orders == {"up": "absorbed by the next chain", "down": "restored"}, orders
+        new_gm = rep.graphs[0].graphs_kept[1]
+        gathers = [n for n in new_gm.graph.nodes if n.target is torch.index_select]
+        assert len(gathers) == 1
+        # stale weights of the producer must reach the consumer's factors too
+        model.up.u_proj.weight.copy_(torch.randn_like(model.up.u_proj.weight))
+        torch.testing.assert_close(f(x), model(x), rtol=1e-4, atol=1e-5)

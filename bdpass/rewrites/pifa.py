@@ -179,15 +179,68 @@ def find_chains(linears: Sequence[LinearSite]) -> tuple[list[Chain], list[SkipRe
     return chains, skips
 
 
-def _factors_fn(chain: Chain, error_budget: float):
+_UNARY_FUNCS = {torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch.neg, torch.erf,
+                torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu,
+                torch.nn.functional.mish, torch.nn.functional.elu, torch.nn.functional.sigmoid,
+                torch.nn.functional.tanh, torch.nn.functional.hardswish}
+_UNARY_METHODS = {"relu", "tanh", "sigmoid", "exp", "neg", "erf", "contiguous", "clone", "float",
+                  "half", "bfloat16"}
+
+
+def _unary(node: torch.fx.Node) -> bool:
+    """An op applied to each element of its single tensor input independently."""
+    if node.op == "call_function" and node.target in _UNARY_FUNCS:
+        pass
+    elif node.op == "call_method" and node.target in _UNARY_METHODS:
+        pass
+    elif canonical(node) == "dropout" and arg(node, 2, "training", True) is False:
+        pass
+    else:
+        return False
+    others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    return not others and bool(node.args) and isinstance(node.args[0], torch.fx.Node)
+
+
+def link_chains(chains: Sequence[Chain]) -> dict[int, int]:
+    """producer -> consumer: the producer's output reaches the consumer's first linear only
+    through element-wise ops, so the consumer can absorb the producer's column order and the
+    producer needs no pass to restore it."""
+    by_input = {c.first.input: k for k, c in enumerate(chains)}
+    links = {}
+    for k, c in enumerate(chains):
+        n = c.second.output
+        while True:
+            if len(n.users) != 1:
+                break
+            u = next(iter(n.users))
+            if n in by_input and by_input[n] != k:
+                break
+            if _unary(u):
+                n = u
+                continue
+            break
+        if n in by_input and by_input[n] != k and len(n.users) == 1:
+            links[k] = by_input[n]
+    return links
+
+
+def _column_order(chain: Chain, args: Sequence[torch.Tensor], error_budget: float) -> torch.Tensor:
+    f = pifa_factors(chain.first.weight_matrix(args), chain.second.weight_matrix(args),
+                     chain.first.bias_vector(args), chain.second.bias_vector(args),
+                     error_budget=error_budget)
+    return torch.cat([f.pivots, f.rest])
+
+
+def _factors_fn(chain: Chain, error_budget: float, producer: Chain | None = None):
     first, second = chain.first, chain.second
     dtype = dtype_of(second.core) or second.weight.tensor.dtype
 
     def compute(args: Sequence[torch.Tensor]):
-        f = pifa_factors(first.weight_matrix(args), second.weight_matrix(args),
-                         first.bias_vector(args), second.bias_vector(args),
-                         dtype=dtype, error_budget=error_budget)
-        return f
+        A = first.weight_matrix(args)
+        if producer is not None:    # inputs arrive in the producer's column order
+            A = A[_column_order(producer, args, error_budget).to(A.device)]
+        return pifa_factors(A, second.weight_matrix(args), first.bias_vector(args), second.bias_vector(args),
+                            dtype=dtype, error_budget=error_budget)
 
     def tensors(args: Sequence[torch.Tensor]) -> list:
         f = compute(args)
@@ -197,9 +250,9 @@ def _factors_fn(chain: Chain, error_budget: float):
     return compute, tensors
 
 
-def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: float,
-                min_saving: float, cost_model: bool = True) -> RewriteRecord | SkipRecord:
-    """Factorize and rewrite one chain; a SkipRecord if it is refused."""
+def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budget: float,
+                 min_saving: float, cost_model: bool = True) -> SkipRecord | None:
+    """Whether a chain is rewritten: saving, cost and factorization at the example weights."""
     first, second = chain.first, chain.second
     r, d_in, d_out = chain.rank, first.d_in, second.d_out
     saving = r / (d_in + d_out)
@@ -212,14 +265,27 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
         if not est.pays:
             return SkipRecord(KIND, chain.site, est.reason("the PIFA pair", cost.device_model(
                 second.weight.tensor.device), first.tokens))
-    compute, tensors_fn = _factors_fn(chain, error_budget)
     try:
-        f = compute(editor.example_inputs)
+        _factors_fn(chain, error_budget)[0](editor_inputs)
     except FactorizationError as e:
         return SkipRecord(KIND, chain.site, str(e))
+    return None
 
-    sources = [s.weight.index for s in (first, second)] + \
-              [s.bias.index for s in (first, second) if s.bias is not None]
+
+def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: float,
+                producer: Chain | None = None, restore_order: bool = True) -> RewriteRecord:
+    """Rewrite one accepted chain (see ``decide_chain``).
+
+    ``producer``: a rewritten chain whose output, in its concatenated column order, feeds
+    this chain's first linear through element-wise ops; this chain's first weight absorbs
+    that order. ``restore_order=False``: the consumer absorbs this chain's order, so the
+    output stays in concatenated order (no gather pass)."""
+    first, second = chain.first, chain.second
+    r, d_in, d_out = chain.rank, first.d_in, second.d_out
+    compute, tensors_fn = _factors_fn(chain, error_budget, producer)
+    f = compute(editor.example_inputs)
+    linked = (first, second) + ((producer.first, producer.second) if producer is not None else ())
+    sources = [s.weight.index for s in linked] + [s.bias.index for s in linked if s.bias is not None]
     initial = [f.w_pivot.t().contiguous(), f.b_pivot, f.coeff.t().contiguous(), f.b_rest,
                f.inv_perm.to(f.w_pivot.device)]
     editor.current_rewrite = index
@@ -231,7 +297,8 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
         yp = editor.call(linear, (x, w_p, b_p), origin=first.output)
         yr = editor.call(linear, (yp, c_t, b_r), origin=second.output)
         y = editor.call(torch.cat, ([yp, yr], -1), origin=second.output)
-        y = editor.call(torch.index_select, (y, -1, inv), origin=second.output)
+        if restore_order:
+            y = editor.call(torch.index_select, (y, -1, inv), origin=second.output)
         for m in chain.between:
             args = [y] + [editor.new(a) for a in m.args[1:]]
             kwargs = {k: editor.new(v) for k, v in m.kwargs.items()}
@@ -255,5 +322,6 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
         params_after=d_in * r + r * (d_out - r) + (d_out if has_bias else 0),
         flops_saved=2 * r * r, cond=float(f.cond), error_bound=float(f.error_bound),
         details={"d_in": d_in, "r": r, "d_out": d_out, "bias": has_bias,
-                 "weights": [first.weight.name, second.weight.name]},
+                 "weights": [first.weight.name, second.weight.name],
+                 "column_order": "restored" if restore_order else "absorbed by the next chain"},
     )
