@@ -155,6 +155,13 @@ class _Analysis:
             idx = _broadcast_to_rank(idx, len(shape))
         return Layout(idx)
 
+    def src_layout(self, node: torch.fx.Node) -> Layout | None:
+        """Layout of a movement op's input; records a clean output when there is none."""
+        l = self.lay(node.args[0]) if node.args else None
+        if l is None:
+            self.L[node] = None
+        return l
+
     def lay(self, x: Any) -> Layout | None:
         if isinstance(x, torch.fx.Node):
             v = self.L.get(x)
@@ -295,6 +302,9 @@ class _Analysis:
             self.view_base[node] = self.view_base[src]
 
     def _reshape_to(self, node, l: Layout, in_shape, out_shape) -> Layout:
+        """Reshape a layout along with its value: dimension groups of equal size product are
+        paired; a group whose dims are all free stays free (size 1), a group carrying
+        channels is materialized (its dims must be static) and reshaped."""
         ih, oh = _hints(in_shape), _hints(out_shape)
         if None in ih or None in oh:
             raise _Unsupported("view with unknown sizes")
@@ -302,53 +312,25 @@ class _Analysis:
         groups = _view_groups(ih, oh)
         if groups is None:
             raise _Unsupported("view not expressible as dimension groups")
-        out_dims: list[np.ndarray] = []
-        pieces = []
-        # process group by group using index arrays
-        result_shape = []
-        sub = idx
-        # materialize groups that carry channels
-        new_idx = idx
-        axis = 0
-        out_parts = []
+        full = list(idx.shape)
+        out = []
         for (i0, i1), (o0, o1) in groups:
-            g = new_idx[(slice(None),) * 0]  # placeholder to keep structure simple
-            seg_sizes = idx.shape[i0:i1]
-            if all(s == 1 for s in seg_sizes):
-                out_parts.append(("free", o1 - o0))
-            else:
-                for k in range(i0, i1):
-                    if in_shape[k] is not None and not _is_static(in_shape[k]) and idx.shape[k] == 1:
-                        raise _Unsupported("view merges channels with a symbolic dimension")
-                out_parts.append(("chan", (i0, i1), oh[o0:o1]))
-        # Build the output array
-        full_shape = []
-        for k, s in enumerate(idx.shape):
-            full_shape.append(s)
-        arr = idx
-        # expand channel groups to their full size
-        exp_shape = list(arr.shape)
-        for part in out_parts:
-            if part[0] == "chan":
-                i0, i1 = part[1]
-                for k in range(i0, i1):
-                    exp_shape[k] = ih[k]
-        arr = np.broadcast_to(arr, exp_shape)
-        shape_out = []
-        for part, ((i0, i1), (o0, o1)) in zip(out_parts, groups):
-            if part[0] == "free":
-                shape_out.extend([1] * (o1 - o0))
-            else:
-                shape_out.extend(oh[o0:o1])
-        # reshape works because free groups have product 1 on both sides
-        arr = np.ascontiguousarray(arr).reshape(shape_out)
+            if all(s == 1 for s in idx.shape[i0:i1]):
+                out.extend([1] * (o1 - o0))
+                continue
+            for k in range(i0, i1):
+                if idx.shape[k] == 1 and not _is_static(in_shape[k]):
+                    raise _Unsupported("view merges channels with a symbolic dimension")
+                full[k] = ih[k]
+            out.extend(oh[o0:o1])
+        # free groups have product 1 on both sides, so a plain reshape lines up
+        arr = np.ascontiguousarray(np.broadcast_to(idx, full)).reshape(out)
         return Layout(arr, l.attn)
 
     def op_reshape(self, node):
         src = node.args[0]
-        l = self.lay(src)
+        l = self.src_layout(node)
         if l is None:
-            self.L[node] = None
             return
         self.L[node] = self._reshape_to(node, l, shape_of(src), shape_of(node))
 
@@ -356,9 +338,8 @@ class _Analysis:
 
     def op_t(self, node):
         src = node.args[0]
-        l = self.lay(src)
+        l = self.src_layout(node)
         if l is None:
-            self.L[node] = None
             return
         nd = len(shape_of(src))
         idx = _broadcast_to_rank(l.idx, nd)
@@ -366,9 +347,8 @@ class _Analysis:
 
     def op_transpose(self, node):
         src = node.args[0]
-        l = self.lay(src)
+        l = self.src_layout(node)
         if l is None:
-            self.L[node] = None
             return
         nd = len(shape_of(src))
         d0, d1 = arg(node, 1, "dim0"), arg(node, 2, "dim1")
@@ -377,9 +357,8 @@ class _Analysis:
 
     def op_permute(self, node):
         src = node.args[0]
-        l = self.lay(src)
+        l = self.src_layout(node)
         if l is None:
-            self.L[node] = None
             return
         dims = list(node.args[1:]) if len(node.args) > 2 else arg(node, 1, "dims")
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
@@ -390,9 +369,8 @@ class _Analysis:
 
     def op_expand(self, node):
         src = node.args[0]
-        l = self.lay(src)
+        l = self.src_layout(node)
         if l is None:
-            self.L[node] = None
             return
         nd_out = len(shape_of(node))
         idx = _broadcast_to_rank(l.idx, nd_out)
@@ -400,9 +378,8 @@ class _Analysis:
 
     def op_repeat_interleave(self, node):
         src = node.args[0]
-        l = self.lay(src)
+        l = self.src_layout(node)
         if l is None:
-            self.L[node] = None
             return
         reps, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
         if not isinstance(reps, int) or dim is None:
@@ -431,9 +408,8 @@ class _Analysis:
 
     def op_narrow(self, node):
         src = node.args[0]
-        l = self.lay(src)
+        l = self.src_layout(node)
         if l is None:
-            self.L[node] = None
             return
         dim, start, length = arg(node, 1, "dim"), arg(node, 2, "start"), arg(node, 3, "length")
         if not all(isinstance(v, int) for v in (dim, start, length)):
@@ -463,9 +439,8 @@ class _Analysis:
 
     def op_split(self, node):
         src = node.args[0]
-        l = self.lay(src)
+        l = self.src_layout(node)
         if l is None:
-            self.L[node] = None
             return
         shp = shape_of(src)
         nd = len(shp)
