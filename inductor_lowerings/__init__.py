@@ -1,1 +1,17 @@
-"""Custom ops (CPU decompositions and Triton kernels) for the rewritten computations."""
+"""Custom ops (CPU decompositions and Triton kernels) for the rewritten computations.
+
+Importing this package registers two operators (see :mod:`inductor_lowerings.ops` for
+their contracts and :mod:`inductor_lowerings.triton_kernels` for the kernel designs):
+
+* ``torch.ops.bdpass.bd_project`` -- a basis-decomposed projection: per head, the
+  identity rows of ``x`` plus a GEMM over the remaining rows (one GEMM for all heads
+  when they share their rows);
+* ``torch.ops.bdpass.pivot_linear`` -- a PIFA chain: the pivot GEMM and the
+  coefficient GEMM, each writing its columns straight into their final places.
+
+Triton is optional (``pip install "bdpass[triton]"``); without it the aten
+implementation serves every device, and ``HAS_TRITON_KERNELS`` is False.
+"""
+from .ops import HAS_TRITON_KERNELS, bd_project, pivot_linear
+
+__all__ = ["HAS_TRITON_KERNELS", "bd_project", "pivot_linear"]
