@@ -9,10 +9,12 @@ from .api import collect_reports, explain
 from .backend import bd_backend
 from . import diff  # callable: bdpass.diff(model, *args, options=None, **kwargs)
 from .options import BDOptions
+from .prepare import prepare, save_prepared, load_prepared, PreparedModule
 from .report import GraphReport, Report, RewriteRecord, SkipRecord
 from .runtime import VerificationError
 
 __version__ = "0.1.0"
 
 __all__ = ["bd_backend", "explain", "collect_reports", "BDOptions", "Report", "GraphReport",
-           "RewriteRecord", "SkipRecord", "VerificationError", "__version__"]
+           "RewriteRecord", "SkipRecord", "VerificationError", "prepare", "save_prepared",
+           "load_prepared", "PreparedModule", "__version__"]
