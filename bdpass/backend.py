@@ -77,12 +77,14 @@ def _plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
     if opts.pifa:
         found, skips = pifa_rw.find_chains(linears)
         report.skipped.extend(skips)
+        factors = []
         for chain in found:
-            why = pifa_rw.decide_chain(example_inputs, chain, opts.error_budget, opts.min_saving, opts.cost_model)
-            if why is None:
-                chains.append(chain)
+            res = pifa_rw.decide_chain(example_inputs, chain, opts.error_budget, opts.min_saving, opts.cost_model)
+            if isinstance(res, pifa_rw.SkipRecord):
+                report.skipped.append(res)
             else:
-                report.skipped.append(why)
+                chains.append(chain)
+                factors.append(res)
         links = pifa_rw.link_chains(chains)
         producer_of = {c: p for p, c in links.items()}
         for k, chain in enumerate(chains):
@@ -90,7 +92,8 @@ def _plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
                 editor = GraphEditor(gm, example_inputs)
             prod = chains[producer_of[k]] if k in producer_of else None
             records.append(pifa_rw.apply_chain(editor, chain, len(records), opts.error_budget,
-                                               producer=prod, restore_order=k not in links))
+                                               producer=prod, restore_order=k not in links,
+                                               factors=factors[k]))
     if opts.bd_qk or opts.bd_vo:
         from .graph.layout import analyze
         from .rewrites import bd_attention

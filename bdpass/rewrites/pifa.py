@@ -251,8 +251,9 @@ def _factors_fn(chain: Chain, error_budget: float, producer: Chain | None = None
 
 
 def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budget: float,
-                 min_saving: float, cost_model: bool = True) -> SkipRecord | None:
-    """Whether a chain is rewritten: saving, cost and factorization at the example weights."""
+                 min_saving: float, cost_model: bool = True):
+    """Whether a chain is rewritten: saving, cost and factorization at the example weights.
+    Returns a SkipRecord, or the factors (reused by ``apply_chain``)."""
     first, second = chain.first, chain.second
     r, d_in, d_out = chain.rank, first.d_in, second.d_out
     saving = r / (d_in + d_out)
@@ -266,24 +267,24 @@ def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budg
             return SkipRecord(KIND, chain.site, est.reason("the PIFA pair", cost.device_model(
                 second.weight.tensor.device), first.tokens))
     try:
-        _factors_fn(chain, error_budget)[0](editor_inputs)
+        return _factors_fn(chain, error_budget)[0](editor_inputs)
     except FactorizationError as e:
         return SkipRecord(KIND, chain.site, str(e))
-    return None
 
 
 def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: float,
-                producer: Chain | None = None, restore_order: bool = True) -> RewriteRecord:
+                producer: Chain | None = None, restore_order: bool = True, factors=None) -> RewriteRecord:
     """Rewrite one accepted chain (see ``decide_chain``).
 
     ``producer``: a rewritten chain whose output, in its concatenated column order, feeds
     this chain's first linear through element-wise ops; this chain's first weight absorbs
     that order. ``restore_order=False``: the consumer absorbs this chain's order, so the
-    output stays in concatenated order (no gather pass)."""
+    output stays in concatenated order (no gather pass). ``factors``: those computed by
+    ``decide_chain`` (valid only without a producer)."""
     first, second = chain.first, chain.second
     r, d_in, d_out = chain.rank, first.d_in, second.d_out
     compute, tensors_fn = _factors_fn(chain, error_budget, producer)
-    f = compute(editor.example_inputs)
+    f = factors if (factors is not None and producer is None) else compute(editor.example_inputs)
     linked = (first, second) + ((producer.first, producer.second) if producer is not None else ())
     sources = [s.weight.index for s in linked] + [s.bias.index for s in linked if s.bias is not None]
     initial = [f.w_pivot.t().contiguous(), f.b_pivot, f.coeff.t().contiguous(), f.b_rest,
