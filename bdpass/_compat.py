@@ -167,3 +167,34 @@ def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], lowering: str
     patches = inductor_config_for_mode(mode)
     patches.update(inductor_options or {})
     return compile_fx(gm, list(example_inputs), config_patches=patches or None)
+
+
+# ----------------------------------------------------------------------------- capture helpers
+def is_dynamo_tracing_error(e: BaseException) -> bool:
+    """True if Dynamo could not trace (a graph break under fullgraph), False for an error
+    raised by the model's own code."""
+    exc = getattr(torch._dynamo, "exc", None)
+    if exc is None:
+        return False
+    return isinstance(e, exc.TorchDynamoException) and not isinstance(e, exc.TorchRuntimeError)
+
+
+def reset_code(code: Any) -> None:
+    """Drop Dynamo's cache entries for one code object (no-op where unsupported)."""
+    fn = getattr(torch._dynamo, "reset_code", None)
+    if fn is not None:
+        try:
+            fn(code)
+        except Exception:
+            pass
+
+
+def qualified_target_name(target: Any) -> str:
+    """``module.qualname`` of an FX call_function target."""
+    try:
+        from torch.fx.node import _get_qualified_name
+
+        return _get_qualified_name(target)
+    except Exception:
+        mod = getattr(target, "__module__", None) or "?"
+        return f"{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"

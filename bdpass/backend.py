@@ -65,7 +65,7 @@ def _needs_grad(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
-def _plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
+def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
     """Returns (editor, records) or (None, []) when nothing was rewritten."""
     params = find_params(gm, example_inputs)
     report.params_before = weight_numel(params)
@@ -137,7 +137,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
     else:
         editor = None
         try:
-            editor, records = _plan_and_rewrite(gm, example_inputs, opts, report)
+            editor, records = plan_and_rewrite(gm, example_inputs, opts, report)
             if editor is not None:
                 new_gm, new_inputs = editor.finish()
         except Exception as e:

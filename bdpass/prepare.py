@@ -67,7 +67,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from . import _compat
-from .backend import _plan_and_rewrite, node_records
+from .backend import plan_and_rewrite, node_records
 from .options import BDOptions
 from .report import GraphReport, Report
 from .runtime import DEFAULT_VERIFY_TOL, VerificationError
@@ -166,8 +166,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict,
         errors = list(box["errors"])
         if errors:
             raise errors[0] from None
-        exc = torch._dynamo.exc
-        if not isinstance(e, exc.TorchDynamoException) or isinstance(e, exc.TorchRuntimeError):
+        if not _compat.is_dynamo_tracing_error(e):
             raise       # the model's own error
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         why = "; ".join(lines[:1] + [ln for ln in lines[1:] if ln.startswith("Caused by")][:1])
@@ -179,12 +178,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict,
     finally:
         cap = box["cap"]
         box.clear()
-        reset_code = getattr(torch._dynamo, "reset_code", None)
-        if reset_code is not None:
-            try:
-                reset_code(code)
-            except Exception:
-                pass
+        _compat.reset_code(code)
     if not hasattr(cap, "gm"):
         raise RuntimeError(f"bdpass.{what}: Dynamo captured no graph (the forward computes nothing "
                            f"with tensors)")
@@ -197,13 +191,7 @@ class _Unsupported(ValueError):
 
 
 def _qualified(target: Any) -> str:
-    try:
-        from torch.fx.node import _get_qualified_name
-
-        return _get_qualified_name(target)
-    except Exception:
-        mod = getattr(target, "__module__", None) or "?"
-        return f"{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"
+    return _compat.qualified_target_name(target)
 
 
 def _target_key(node: torch.fx.Node) -> str:
@@ -785,10 +773,10 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None,
         report.nodes_before = node_records(gm)
         node_map = None
         try:
-            editor, _ = _plan_and_rewrite(gm, inputs, opts, report)
+            editor, _ = plan_and_rewrite(gm, inputs, opts, report)
             if editor is not None:
                 new_gm, new_inputs = editor.finish()
-                node_map = editor._map
+                node_map = editor.node_map
                 report.nodes_before = node_records(gm, editor.removed_by)
                 report.nodes_after = node_records(new_gm)
         except Exception as e:

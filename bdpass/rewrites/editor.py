@@ -33,6 +33,11 @@ class GraphEditor:
         self._maybe_dead: list[torch.fx.Node] = []
         self.removed_by: dict[str, int] = {}     # original node name -> rewrite index
 
+    @property
+    def node_map(self) -> dict:
+        """Original node -> its copy in the edited graph."""
+        return self._map
+
     def new(self, node: Any) -> Any:
         """The copy of an original node (other values unchanged)."""
         if isinstance(node, torch.fx.Node):
