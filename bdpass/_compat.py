@@ -105,17 +105,6 @@ def size_hint(s: Any) -> int | None:
     return None
 
 
-def is_static_int(s: Any) -> bool:
-    if isinstance(s, int):
-        return True
-    if isinstance(s, torch.SymInt):
-        try:
-            return bool(s.node.is_constant()) or s.node.expr.is_number
-        except Exception:
-            return False
-    return False
-
-
 # ----------------------------------------------------------------------------- graphs
 def copy_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict]:
     """A new GraphModule over a copy of ``gm``'s graph that AOTAutograd still accepts as

@@ -66,6 +66,6 @@ def _is_subclass(t: torch.Tensor) -> bool:
     return type(data) is not torch.Tensor
 
 
-def weight_numel(params: dict[torch.fx.Node, ParamInfo], gm: torch.fx.GraphModule | None = None) -> int:
+def weight_numel(params: dict[torch.fx.Node, ParamInfo]) -> int:
     """Elements of the weights a graph reads (placeholders with users)."""
     return sum(p.tensor.numel() for n, p in params.items() if len(n.users) > 0)
