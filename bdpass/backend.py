@@ -126,6 +126,12 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
             report.fallback = reason
         return _compat.lower(gm, example_inputs, opts.lowering, mode, dict(opts.inductor))
 
+    for t in example_inputs:
+        if isinstance(t, torch.nn.Parameter) and t.numel() and t.untyped_storage().nbytes() == 0:
+            raise RuntimeError(
+                "bdpass: a parameter of this model was released by release_weights=True when an earlier "
+                "graph was compiled, so the model cannot be compiled again (new input shapes or a new "
+                "graph trigger this). Compile with dynamic=True, or use bdpass.prepare, before releasing.")
     result: Callable
     kept_new = None
     if _needs_grad(example_inputs):
@@ -171,6 +177,12 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
                                              verify=opts.verify, verify_tol=opts.verify_tol)
                     wrapper.snapshot(example_inputs)
                     report.derived_bytes = sum(t.numel() * t.element_size() for t in wrapper.derived)
+                    if opts.release_weights:
+                        phs = [n for n in new_gm.graph.nodes if n.op == "placeholder"]
+                        unused = {i for i, n in enumerate(phs[:len(example_inputs)]) if not n.users}
+                        report.released_bytes = wrapper.release(example_inputs, unused)
+                        log.info("bdpass: graph %d: released %d bytes of replaced weights", index,
+                                 report.released_bytes)
                     result = wrapper
                     kept_new = (new_gm, new_inputs)
     for s in report.skipped:

@@ -26,6 +26,13 @@ class BDOptions:
     verify              also run the original graph on every call and raise
                         ``bdpass.VerificationError`` when outputs differ beyond verify_tol.
     verify_tol          relative-L2 tolerance for ``verify``; None: per-dtype default.
+    release_weights     after compiling, free the storage of every parameter the rewritten graph
+                        no longer reads (all of whose factors depend only on released
+                        parameters), so that resident memory drops by the rewrites' savings.
+                        Those parameters keep their shape but hold no data: the module can no
+                        longer run eagerly or be compiled again, and writing to them raises;
+                        their factors are frozen (no stale-weight check). Inference deployment
+                        only; ``bdpass.prepare`` is the saveable alternative.
     strict              re-raise internal errors instead of falling back to plain lowering.
     inductor            extra Inductor config patches passed to ``compile_fx``.
     """
@@ -39,6 +46,7 @@ class BDOptions:
     lowering: str = "inductor"
     verify: bool = False
     verify_tol: float | None = None
+    release_weights: bool = False
     strict: bool = False
     inductor: Mapping[str, Any] = field(default_factory=dict)
 
@@ -66,7 +74,7 @@ class BDOptions:
         return opts
 
     def _validate(self) -> None:
-        for name in ("pifa", "bd_qk", "bd_vo", "verify", "strict", "cost_model"):
+        for name in ("pifa", "bd_qk", "bd_vo", "verify", "strict", "cost_model", "release_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"bdpass: option {name!r} must be a bool, got {getattr(self, name)!r}")
         if self.lowering not in LOWERINGS:

@@ -60,6 +60,7 @@ class GraphReport:
     params_before: int = 0          # weight elements the graph reads
     params_after: int = 0
     derived_bytes: int = 0          # bytes of the factors the compiled graph holds
+    released_bytes: int = 0         # bytes of replaced weights freed (release_weights=True)
     nodes_before: list[NodeRecord] = field(default_factory=list)
     nodes_after: list[NodeRecord] = field(default_factory=list)
     # not serialized: set by the backend when a collector asks for graphs

@@ -76,6 +76,25 @@ class RewrittenGraph:
                 self._group_of.setdefault(i, []).append(gi)
         self._sig: dict[int, tuple] = {}
         self._use_original: str | None = None
+        self.released: set[int] = set()
+
+    def release(self, args: Sequence[torch.Tensor], unused: set[int]) -> int:
+        """Free the storage of source weights the compiled graph does not read, for every
+        derived group whose sources are all such weights; those groups are frozen. Returns
+        the bytes freed."""
+        freed = 0
+        for g in self.groups:
+            if not g.sources or not set(g.sources) <= unused:
+                continue
+            for i in g.sources:
+                t = args[i]
+                st = t.untyped_storage()
+                if st.nbytes() and st.nbytes() == t.numel() * t.element_size():
+                    freed += st.nbytes()
+                    st.resize_(0)
+                self.released.add(i)
+        self._watch = [i for i in self._watch if i not in self.released]
+        return freed
 
     def snapshot(self, args: Sequence[torch.Tensor]) -> None:
         """Record the source weights the current factors were computed from."""

@@ -327,3 +327,33 @@ def test_gpu_modes(mode):
         with torch.no_grad():
             model.k_proj.weight.mul_(0.5)
         torch.testing.assert_close(f(x), model(x), rtol=1e-3, atol=1e-4)
+
+
+def test_release_weights_frees_replaced_storage():
+    from lowrank_models import LowRankMLP
+
+    torch.manual_seed(11)
+    model = LowRankMLP(64, 16, 128).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        ref = model(x)
+    before = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="bd", options={**AOT, "release_weights": True})
+    with torch.no_grad(), bdpass.collect_reports() as rep:
+        out = f(x)
+        again = f(x)
+        other = torch.randn(2, 5, 64)
+        f(other)
+    after = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    replaced = sum(r.params_before for r in rep.rewrites) * 4
+    assert rep.graphs[0].released_bytes == before - after == replaced
+    assert after + rep.derived_bytes < before       # resident weights dropped by the savings
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, out)
+    with pytest.raises(RuntimeError):               # the released weights hold no data
+        with torch.no_grad():
+            model(x)
+    with pytest.raises(Exception, match="release_weights"), torch.no_grad():
+        f(torch.randn(3, 7, 64))                    # a recompile cannot factorize released weights
+    torch._dynamo.reset()
