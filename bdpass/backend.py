@@ -77,15 +77,9 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
     if opts.pifa:
         found, skips = pifa_rw.find_chains(linears)
         report.skipped.extend(skips)
-        factors = []
-        for chain in found:
-            res = pifa_rw.decide_chain(example_inputs, chain, opts.error_budget, opts.min_saving, opts.cost_model)
-            if isinstance(res, pifa_rw.SkipRecord):
-                report.skipped.append(res)
-            else:
-                chains.append(chain)
-                factors.append(res)
-        links = pifa_rw.link_chains(chains)
+        chains, factors, links, skips = pifa_rw.select_chains(found, example_inputs, opts.error_budget,
+                                                              opts.min_saving, opts.cost_model)
+        report.skipped.extend(skips)
         producer_of = {c: p for p, c in links.items()}
         for k, chain in enumerate(chains):
             if editor is None:

@@ -80,10 +80,14 @@ class Estimate:
                 f"at {M} tokens (needs >= {1 / (1 - MARGIN):.2f}x)")
 
 
-def pifa(M: int, d_in: int, r: int, d_out: int, dtype: torch.dtype, device: torch.device) -> Estimate:
+def pifa(M: int, d_in: int, r: int, d_out: int, dtype: torch.dtype, device: torch.device,
+         restore_order: bool = True) -> Estimate:
+    """``restore_order=False``: the next chain takes the column order, no gather pass."""
     dev = device_model(device)
     orig = _gemm(dev, M, d_in, r, dtype) + _gemm(dev, M, r, d_out, dtype)
-    new = _gemm(dev, M, d_in, r, dtype) + _gemm(dev, M, r, d_out - r, dtype) + _gather(dev, M * d_out, dtype)
+    new = _gemm(dev, M, d_in, r, dtype) + _gemm(dev, M, r, d_out - r, dtype)
+    if restore_order:      # otherwise the concatenation fuses into the consumer's element-wise op
+        new += _gather(dev, M * d_out, dtype)
     return Estimate(orig, new)
 
 

@@ -1,6 +1,6 @@
 """Quickstart: compile a small low-rank model with plain Inductor and with ``bd``.
 
-    python examples/quickstart.py [--d 512] [--rank 0.5] [--tokens 256] [--layers 4]
+    python examples/quickstart.py [--d 1024] [--rank 0.5] [--tokens 256] [--layers 4] [--all]
 
 Builds the model offline (random weights), then prints the parameters saved, the relative
 L2 error of both compiled models against a float64 eager run, the speed ratio
@@ -69,11 +69,13 @@ def bench(fn, x, reps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--d", type=int, default=1024)
     p.add_argument("--rank", type=float, default=0.5, help="r as a fraction of d")
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--all", action="store_true",
+                   help="apply every legal rewrite (cost_model off), even where estimated slower")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -87,7 +89,8 @@ def main() -> None:
         f_ind = torch.compile(model, backend="inductor")
         y_ind = f_ind(x)
         with bdpass.collect_reports() as report:
-            f_bd = torch.compile(copy.deepcopy(model), backend="bd")
+            f_bd = torch.compile(copy.deepcopy(model), backend="bd",
+                                 options={"cost_model": False} if args.all else None)
             y_bd = f_bd(x)
         t_ind = bench(f_ind, x, args.reps)
         t_bd = bench(f_bd, x, args.reps)

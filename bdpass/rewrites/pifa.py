@@ -201,6 +201,40 @@ def _unary(node: torch.fx.Node) -> bool:
     return not others and bool(node.args) and isinstance(node.args[0], torch.fx.Node)
 
 
+def select_chains(found: Sequence[Chain], inputs: Sequence[torch.Tensor], error_budget: float,
+                  min_saving: float, cost_model: bool):
+    """Decide every chain, knowing which ones hand their column order to the next.
+
+    A producer is first judged without the gather pass; if its consumer is then refused,
+    it is judged again with the pass (and so on, until nothing changes).
+    Returns (accepted chains, their factors, links among them, skip records)."""
+    accepted = list(range(len(found)))
+    skips: dict[int, SkipRecord] = {}
+    factors: dict[int, Any] = {}
+    assumed_link: dict[int, bool] = {}
+    while True:
+        links = link_chains([found[k] for k in accepted])
+        linked = {accepted[p] for p in links}
+        changed = False
+        for k in list(accepted):
+            has_link = k in linked
+            if assumed_link.get(k) == has_link and k in factors:
+                continue
+            assumed_link[k] = has_link
+            res = decide_chain(inputs, found[k], error_budget, min_saving, cost_model, restore_order=not has_link)
+            if isinstance(res, SkipRecord):
+                skips[k] = res
+                accepted.remove(k)
+                factors.pop(k, None)
+                changed = True
+            else:
+                factors[k] = res
+        if not changed:
+            break
+    chains = [found[k] for k in accepted]
+    return chains, [factors[k] for k in accepted], link_chains(chains), [skips[k] for k in sorted(skips)]
+
+
 def link_chains(chains: Sequence[Chain]) -> dict[int, int]:
     """producer -> consumer: the producer's output reaches the consumer's first linear only
     through element-wise ops, so the consumer can absorb the producer's column order and the
@@ -251,7 +285,7 @@ def _factors_fn(chain: Chain, error_budget: float, producer: Chain | None = None
 
 
 def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budget: float,
-                 min_saving: float, cost_model: bool = True):
+                 min_saving: float, cost_model: bool = True, restore_order: bool = True):
     """Whether a chain is rewritten: saving, cost and factorization at the example weights.
     Returns a SkipRecord, or the factors (reused by ``apply_chain``)."""
     first, second = chain.first, chain.second
@@ -262,7 +296,7 @@ def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budg
                                             f"min_saving={100 * min_saving:.2g}%")
     if cost_model:
         dtype = dtype_of(second.core) or second.weight.tensor.dtype
-        est = cost.pifa(first.tokens, d_in, r, d_out, dtype, second.weight.tensor.device)
+        est = cost.pifa(first.tokens, d_in, r, d_out, dtype, second.weight.tensor.device, restore_order)
         if not est.pays:
             return SkipRecord(KIND, chain.site, est.reason("the PIFA pair", cost.device_model(
                 second.weight.tensor.device), first.tokens))
