@@ -96,6 +96,19 @@ CONFIGS = _INTERPRET_CONFIGS if INTERPRET else _GPU_CONFIGS
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
+def _mma(a, b, acc, TF32: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + a @ b in fp32 (inputs widened first where the interpreter needs it)."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if TF32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _bd_project_kernel(
     x_ptr, rows_ptr, rest_ptr, w_ptr, b_ptr, out_ptr,
     M, G, K, N_COLS,
@@ -145,13 +158,7 @@ def _bd_project_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + w_cols[None, :],
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        if TF32:
-            acc = tl.dot(a, w, acc, input_precision="tf32")
-        else:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
+        acc = _mma(a, w, acc, TF32, DOT_F32)
 
     out_offs = offs_m.to(tl.int64)[:, None] * stride_om + col[None, :] * stride_on
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty),
@@ -189,13 +196,7 @@ def _pivot_stage1_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        if TF32:
-            acc = tl.dot(a, w, acc, input_precision="tf32")
-        else:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
+        acc = _mma(a, w, acc, TF32, DOT_F32)
 
     # Epilogue: each pivot column goes straight to its final place.
     cols = tl.load(piv_ptr + offs_n * stride_p, mask=n_mask, other=0)
@@ -237,13 +238,7 @@ def _pivot_stage2_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         c = tl.load(c_ptr + offs_k[:, None] * stride_ck + offs_n[None, :] * stride_cn,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            c = c.to(tl.float32)
-        if TF32:
-            acc = tl.dot(a, c, acc, input_precision="tf32")
-        else:
-            acc = tl.dot(a, c, acc, input_precision="ieee")
+        acc = _mma(a, c, acc, TF32, DOT_F32)
 
     cols = tl.load(rest_ptr + offs_n * stride_s, mask=n_mask, other=0)
     tl.store(out_ptr + om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
