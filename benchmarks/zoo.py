@@ -27,8 +27,8 @@ from helpers import first_tensor, rel_l2, to64  # noqa: E402
 def run(family: str, dtype: torch.dtype) -> dict:
     kw = {"experts_implementation": "batched_mm"} if family.startswith("deepseek") else {}
     model, args, kwargs = zoo.build(family, dtype=torch.float32, **kw)
-    ref_model = copy.deepcopy(model).double()
     model = model.to(dtype)
+    ref_model = copy.deepcopy(model).double()     # the same (rounded) weights, in float64
     args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
               for k, v in kwargs.items()}
