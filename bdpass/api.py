@@ -32,7 +32,9 @@ def explain(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Repor
     """Compile ``model`` with the ``bd`` backend on these inputs (inference, no_grad) and
     return what was rewritten and what was skipped, per compiled graph.
 
-    The model is run once; nothing about it is changed."""
+    The model is run once; nothing about it is changed. Dynamo's caches are reset before and
+    after (``torch._dynamo.reset()``) so that every graph is compiled afresh and reported;
+    other compiled functions recompile on their next call."""
     opts = BDOptions.parse(options)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=lambda gm, ex: bd_backend(gm, ex, options=opts))
