@@ -70,7 +70,7 @@ from . import _compat
 from .backend import plan_and_rewrite, node_records
 from .options import BDOptions
 from .report import GraphReport, Report
-from .runtime import DEFAULT_VERIFY_TOL, VerificationError
+from .runtime import compare_outputs
 
 log = logging.getLogger("bdpass")
 
@@ -811,7 +811,7 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None,
     if reference is not None:
         with torch.no_grad():
             flat = prepared.graph_module(*_slot_values(prepared, example_args, example_kwargs))
-        _verify(flat, reference, opts.verify_tol)
+        compare_outputs(flat, reference, opts.verify_tol, "bdpass.prepare verify")
     prepared.prepare_seconds = time.perf_counter() - t0
     log.info(report.summary())
     return prepared
@@ -820,25 +820,6 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None,
 def _slot_values(prepared: PreparedModule, args: tuple, kwargs: dict) -> list:
     root = {"args": args, "kwargs": kwargs}
     return [prepared._tensor(s[1]) if s[0] == "tensor" else _follow(root, s[1]) for s in prepared._slots]
-
-
-def _verify(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], tol: float | None) -> None:
-    if len(got) != len(ref):
-        raise VerificationError(f"bdpass.prepare verify: {len(got)} outputs, the original graph {len(ref)}")
-    for k, (a, b) in enumerate(zip(got, ref)):
-        if a.shape != b.shape:
-            raise VerificationError(f"bdpass.prepare verify: output {k} shape {tuple(a.shape)} != {tuple(b.shape)}")
-        if not b.is_floating_point():
-            if not torch.equal(a, b):
-                raise VerificationError(f"bdpass.prepare verify: output {k} differs")
-            continue
-        t = tol or DEFAULT_VERIFY_TOL.get(b.dtype, 1e-2)
-        num = torch.linalg.vector_norm((a.double() - b.double()).flatten())
-        den = torch.linalg.vector_norm(b.double().flatten())
-        rel = float(num / den) if float(den) > 0 else float(num)
-        if not math.isfinite(rel) or rel > t:
-            raise VerificationError(f"bdpass.prepare verify: output {k}: relative L2 difference {rel:.3g} "
-                                    f"exceeds {t:.3g}")
 
 
 # ============================================================================ files

@@ -15,7 +15,6 @@ original computation and logs why: it never runs with stale or out-of-budget fac
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -145,22 +144,31 @@ class RewrittenGraph:
     def _check(self, args: Sequence[Any], out: Any) -> None:
         with torch.no_grad():
             ref = self.original(*args)
-        got_t, ref_t = _flat_tensors(out), _flat_tensors(ref)
-        if len(got_t) != len(ref_t):
-            raise VerificationError(f"bdpass verify: graph {self.graph_index} returned {len(got_t)} tensors, "
-                                    f"original {len(ref_t)}")
-        for k, (a, b) in enumerate(zip(got_t, ref_t)):
-            if a.shape != b.shape:
-                raise VerificationError(f"bdpass verify: output {k} shape {tuple(a.shape)} != {tuple(b.shape)}")
-            if not a.is_floating_point():
-                if not torch.equal(a, b):
-                    raise VerificationError(f"bdpass verify: output {k} differs")
-                continue
-            tol = self.verify_tol or DEFAULT_VERIFY_TOL.get(b.dtype, 1e-2)
-            num = torch.linalg.vector_norm((a.double() - b.double()).flatten())
-            den = torch.linalg.vector_norm(b.double().flatten())
-            rel = float(num / den) if float(den) > 0 else float(num)
-            if not math.isfinite(rel) or rel > tol:
-                raise VerificationError(
-                    f"bdpass verify: graph {self.graph_index} output {k}: relative L2 difference {rel:.3g} "
-                    f"exceeds {tol:.3g}")
+        compare_outputs(_flat_tensors(out), _flat_tensors(ref), self.verify_tol,
+                        f"bdpass verify: graph {self.graph_index}")
+
+
+def compare_outputs(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], tol: float | None,
+                    what: str) -> None:
+    """Raise VerificationError unless each output matches the reference: same shape, equal
+    integer values, non-finite entries in the same places, and a relative L2 difference of
+    the finite entries within ``tol`` (per-dtype default)."""
+    if len(got) != len(ref):
+        raise VerificationError(f"{what}: {len(got)} outputs, the original {len(ref)}")
+    for k, (a, b) in enumerate(zip(got, ref)):
+        if a.shape != b.shape:
+            raise VerificationError(f"{what}: output {k} shape {tuple(a.shape)} != {tuple(b.shape)}")
+        if not b.is_floating_point():
+            if not torch.equal(a, b):
+                raise VerificationError(f"{what}: output {k} differs")
+            continue
+        a64, b64 = a.double().flatten(), b.double().flatten()
+        fin = torch.isfinite(b64)
+        if not torch.equal(fin, torch.isfinite(a64)) or not torch.equal(a64[~fin].nan_to_num(), b64[~fin].nan_to_num()):
+            raise VerificationError(f"{what}: output {k} has non-finite values where the original does not")
+        t = tol or DEFAULT_VERIFY_TOL.get(b.dtype, 1e-2)
+        num = torch.linalg.vector_norm(a64[fin] - b64[fin])
+        den = torch.linalg.vector_norm(b64[fin])
+        rel = float(num / den) if float(den) > 0 else float(num)
+        if rel > t:
+            raise VerificationError(f"{what}: output {k}: relative L2 difference {rel:.3g} exceeds {t:.3g}")
