@@ -221,7 +221,8 @@ def select_chains(found: Sequence[Chain], inputs: Sequence[torch.Tensor], error_
             if assumed_link.get(k) == has_link and k in factors:
                 continue
             assumed_link[k] = has_link
-            res = decide_chain(inputs, found[k], error_budget, min_saving, cost_model, restore_order=not has_link)
+            res = decide_chain(inputs, found[k], error_budget, min_saving, cost_model,
+                               restore_order=not has_link, factors=factors.get(k))
             if isinstance(res, SkipRecord):
                 skips[k] = res
                 accepted.remove(k)
@@ -285,9 +286,10 @@ def _factors_fn(chain: Chain, error_budget: float, producer: Chain | None = None
 
 
 def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budget: float,
-                 min_saving: float, cost_model: bool = True, restore_order: bool = True):
+                 min_saving: float, cost_model: bool = True, restore_order: bool = True, factors=None):
     """Whether a chain is rewritten: saving, cost and factorization at the example weights.
-    Returns a SkipRecord, or the factors (reused by ``apply_chain``)."""
+    Returns a SkipRecord, or the factors (reused by ``apply_chain``; pass them back in
+    ``factors`` to judge the chain again without refactorizing)."""
     first, second = chain.first, chain.second
     r, d_in, d_out = chain.rank, first.d_in, second.d_out
     saving = r / (d_in + d_out)
@@ -300,6 +302,8 @@ def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budg
         if not est.pays:
             return SkipRecord(KIND, chain.site, est.reason("the PIFA pair", cost.device_model(
                 second.weight.tensor.device), first.tokens))
+    if factors is not None:
+        return factors
     try:
         return _factors_fn(chain, error_budget)[0](editor_inputs)
     except FactorizationError as e:
