@@ -1,7 +1,10 @@
 """Editing a copy of a Dynamo graph: new weight inputs, new nodes with provenance.
 
 Rewrites are planned on the original graph (whose nodes carry Dynamo's shape metadata)
-and applied to a copy; ``editor.new(node)`` maps an original node to its copy.
+and applied to a copy; ``editor.new(node)`` gives the value an original node has in the
+edited graph: its copy, or what an earlier rewrite replaced it with (``editor.replace``).
+A rewrite must read its inputs through ``new`` so that a site whose input was produced by
+an already rewritten site reads the rewritten value, never the replaced one.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class GraphEditor:
         self.current_rewrite: int | None = None
         self._maybe_dead: list[torch.fx.Node] = []
         self.removed_by: dict[str, int] = {}     # original node name -> rewrite index
+        self._replaced: dict[torch.fx.Node, torch.fx.Node] = {}   # original node -> replacement
 
     @property
     def node_map(self) -> dict:
@@ -39,10 +43,16 @@ class GraphEditor:
         return self._map
 
     def new(self, node: Any) -> Any:
-        """The copy of an original node (other values unchanged)."""
+        """The value of an original node in the edited graph: the node that replaced it, or
+        its copy (other values unchanged)."""
         if isinstance(node, torch.fx.Node):
-            return self._map[node]
+            return self._replaced.get(node) or self._map[node]
         return node
+
+    def replace(self, orig: torch.fx.Node, value: torch.fx.Node) -> None:
+        """Every reader of ``orig``'s value, present and future, reads ``value`` instead."""
+        self.new(orig).replace_all_uses_with(value)
+        self._replaced[orig] = value
 
     def add_derived(self, name: str, sources: Sequence[int],
                     compute: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
@@ -97,7 +107,7 @@ class GraphEditor:
 
     def discard(self, orig_nodes: Sequence[torch.fx.Node], rewrite: int) -> None:
         """Original nodes a rewrite replaced: erased at the end if nothing uses them."""
-        self._maybe_dead.extend(self.new(n) for n in orig_nodes)
+        self._maybe_dead.extend(self._map[n] for n in orig_nodes)
         for n in orig_nodes:
             self.removed_by[n.name] = rewrite
 

@@ -348,7 +348,7 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
                     sizes[-1] = d_out
                 args, kwargs = [y, sizes], {}
             y = editor.call(m.target, tuple(args), kwargs, origin=m, method=(m.op == "call_method"))
-    target.replace_all_uses_with(y)
+    editor.replace(second.output, y)
     removed = [second.output, second.core, *reversed(chain.between), first.output, first.core]
     removed = [n for n in dict.fromkeys(removed)]
     editor.discard(removed, index)
