@@ -90,12 +90,12 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
                                                factors=factors[k]))
     if opts.bd_qk or opts.bd_vo:
         from .graph.layout import analyze
-        from .rewrites import bd_attention
+        from .rewrites import bd_attention, bd_plan
 
         used = {n for c in (chains if opts.pifa else []) for n in (c.first.core, c.second.core)}
         bd_sites = [s for s in linears if s.core not in used]
         layout = analyze(gm, bd_sites)
-        comps, skips = bd_attention.plan(layout, bd_sites, opts.bd_qk, opts.bd_vo)
+        comps, skips = bd_plan.plan(layout, bd_sites, opts.bd_qk, opts.bd_vo)
         report.skipped.extend(skips)
         for comp in comps:
             if editor is None:
