@@ -158,7 +158,27 @@ def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], lowering: str
     return compile_fx(gm, list(example_inputs), config_patches=patches or None)
 
 
+# ----------------------------------------------------------------------------- logging
+def trace_artifact(name: str, payload_fn: Callable[[], str], encoding: str = "string") -> None:
+    """Emit a ``TORCH_TRACE`` artifact (read with tlparse); a no-op when tracing is off."""
+    try:
+        from torch._logging import trace_structured
+
+        trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding},
+                         payload_fn=payload_fn)
+    except Exception:
+        pass
+
+
 # ----------------------------------------------------------------------------- capture helpers
+def is_dynamo_restart(e: BaseException) -> bool:
+    """True for Dynamo's signals to restart its analysis (e.g. TensorifyScalarRestartAnalysis
+    under ``dynamic=True``): not failures, they must propagate out of a backend."""
+    exc = getattr(torch._dynamo, "exc", None)
+    restart = getattr(exc, "RestartAnalysis", None) if exc is not None else None
+    return restart is not None and isinstance(e, restart)
+
+
 def is_dynamo_tracing_error(e: BaseException) -> bool:
     """True if Dynamo could not trace (a graph break under fullgraph), False for an error
     raised by the model's own code."""

@@ -20,7 +20,7 @@ from .graph.linears import find_linears
 from .graph.ops import dtype_of, shape_of
 from .graph.params import find_params, weight_numel
 from .options import BDOptions
-from .report import GraphReport, NodeRecord
+from .report import GraphReport, NodeRecord, Report, SkipRecord
 from .rewrites import pifa as pifa_rw
 from .rewrites.editor import GraphEditor
 from .runtime import RewrittenGraph
@@ -65,19 +65,35 @@ def _needs_grad(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
-def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
-    """Returns (editor, records) or (None, []) when nothing was rewritten."""
+def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport,
+                     exclude: dict[str, str] | None = None):
+    """Find, decide and apply every rewrite of one graph on a copy of it.
+
+    ``exclude`` maps names of linear nodes (the core op of a linear site) to a reason:
+    a chain or BD component that involves any of them is skipped with that reason.
+    Returns (editor, records, units) or (None, [], []) when nothing was rewritten;
+    ``units[k]`` is the set of linear node names record ``k`` rewrote together (excluding
+    any one of them refuses the whole unit)."""
+    exclude = exclude or {}
     params = find_params(gm, example_inputs)
     report.params_before = weight_numel(params)
     report.params_after = report.params_before
     linears = find_linears(gm, params)
     editor: GraphEditor | None = None
-    records = []
+    records: list = []
+    units: list[frozenset[str]] = []
     chains = []
     if opts.pifa:
         found, skips = pifa_rw.find_chains(linears)
         report.skipped.extend(skips)
-        chains, factors, links, skips = pifa_rw.select_chains(found, example_inputs, opts.error_budget,
+        kept = []
+        for c in found:
+            why = exclude.get(c.first.core.name) or exclude.get(c.second.core.name)
+            if why:
+                report.skipped.append(SkipRecord(pifa_rw.KIND, c.site, why))
+            else:
+                kept.append(c)
+        chains, factors, links, skips = pifa_rw.select_chains(kept, example_inputs, opts.error_budget,
                                                               opts.min_saving, opts.cost_model)
         report.skipped.extend(skips)
         producer_of = {c: p for p, c in links.items()}
@@ -88,6 +104,9 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
             records.append(pifa_rw.apply_chain(editor, chain, len(records), opts.error_budget,
                                                producer=prod, restore_order=k not in links,
                                                factors=factors[k]))
+            linked = [chain] + ([prod] if prod is not None else []) + \
+                     ([chains[links[k]]] if k in links else [])
+            units.append(frozenset(n.core.name for c in linked for n in (c.first, c.second)))
     if opts.bd_qk or opts.bd_vo:
         from .graph.layout import analyze
         from .rewrites import bd_attention, bd_plan
@@ -98,15 +117,89 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport):
         comps, skips = bd_plan.plan(layout, bd_sites, opts.bd_qk, opts.bd_vo)
         report.skipped.extend(skips)
         for comp in comps:
+            names = frozenset(bd_sites[i].core.name for i in comp.linears)
+            why = next((exclude[n] for n in sorted(names) if n in exclude), None)
+            if why:
+                report.skipped.extend(SkipRecord(g.kind, g.site, why)
+                                      for g in bd_attention._one_per_site(comp.groups))
+                continue
             if editor is None:
                 editor = GraphEditor(gm, example_inputs)
             recs, skips = bd_attention.apply_component(editor, comp, bd_sites, len(records), opts.error_budget,
                                                       opts.cost_model)
             report.skipped.extend(skips)
             records.extend(recs)
+            units.extend(names for _ in recs)
     report.rewrites.extend(records)
     report.params_after = report.params_before - sum(r.params_saved for r in records)
-    return (editor if records else None), records
+    return (editor, records, units) if records else (None, [], [])
+
+
+def _validated_rewrite(gm, example_inputs, opts: BDOptions, index: int):
+    """Plan and rewrite, then validate (``opts.validate``); rewrites whose graph does not
+    match the original in float64 are refused and the graph is planned again without them.
+
+    Returns (report, editor or None, new graph module, new inputs)."""
+    from . import validate as val
+
+    exclude: dict[str, str] = {}
+    seconds = 0.0
+    reference = None
+    while True:
+        report = GraphReport(index=index, lowering=opts.lowering)
+        editor, records, units = plan_and_rewrite(gm, example_inputs, opts, report, exclude)
+        if editor is None:
+            report.validate_seconds = seconds
+            return report, None, None, None
+        new_gm, new_inputs = editor.finish()
+        if not opts.validate:
+            return report, editor, new_gm, new_inputs
+        if val.fake_inputs(example_inputs):
+            report.validation = "skipped: the example inputs are fake tensors"
+            log.info("bdpass: graph %d: validation %s", index, report.validation)
+            return report, editor, new_gm, new_inputs
+        weights = {p.index for p in find_params(gm, example_inputs).values()}
+        tol = val.tolerance([r.error_bound for r in records])
+        try:
+            (bad, reference), dt = val.timed(val.compare, gm, example_inputs, new_gm, editor.exact_inputs(),
+                                             weights, tol, reference)
+        except Exception as e:
+            if opts.strict or _compat.is_dynamo_restart(e):
+                raise
+            why = f"validation could not run ({type(e).__name__}: {str(e)[:200]}); rewrites refused"
+            log.warning("bdpass: graph %d: %s", index, why)
+            for u in units:
+                for n in u:
+                    exclude.setdefault(n, why)
+            continue
+        seconds += dt
+        if bad is None:
+            report.validation = f"passed ({len(records)} rewrite(s), float64, tolerance {tol:.0e})"
+            report.validate_seconds = seconds
+            return report, editor, new_gm, new_inputs
+        why = f"validation: the rewritten graph differs from the original in float64 ({bad})"
+        log.warning("bdpass: graph %d: %s", index, why)
+        if opts.strict:
+            raise val.RewriteValidationError(f"bdpass: graph {index}: {why}")
+        # find the units that fail on their own; if none does, refuse them all
+        distinct = list(dict.fromkeys(units))
+        culprits = []
+        if len(distinct) > 1:
+            for u in distinct:
+                others = {n: "(probe)" for v in distinct if v != u for n in v}
+                probe = GraphReport(index=index, lowering=opts.lowering)
+                ed, recs, _ = plan_and_rewrite(gm, example_inputs, opts, probe, {**exclude, **others})
+                if ed is None:
+                    continue
+                pg, _ = ed.finish()
+                (bad_u, _), dt = val.timed(val.compare, gm, example_inputs, pg, ed.exact_inputs(), weights,
+                                           val.tolerance([r.error_bound for r in recs]), reference)
+                seconds += dt
+                if bad_u is not None:
+                    culprits.append(u)
+        for u in (culprits or distinct):
+            for n in u:
+                exclude.setdefault(n, why)
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BDOptions,
@@ -137,11 +230,10 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
     else:
         editor = None
         try:
-            editor, records = plan_and_rewrite(gm, example_inputs, opts, report)
-            if editor is not None:
-                new_gm, new_inputs = editor.finish()
+            report, editor, new_gm, new_inputs = _validated_rewrite(gm, example_inputs, opts, index)
+            report.nodes_before = node_records(gm)
         except Exception as e:
-            if opts.strict:
+            if opts.strict or _compat.is_dynamo_restart(e) or isinstance(e, _validation_error()):
                 raise
             editor = None
             report.rewrites.clear()
@@ -158,7 +250,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
                 try:
                     compiled = _compat.lower(new_gm, new_inputs, opts.lowering, mode, dict(opts.inductor))
                 except Exception as e:
-                    if opts.strict:
+                    if opts.strict or _compat.is_dynamo_restart(e):
                         raise
                     msg = f"lowering the rewritten graph failed ({type(e).__name__}: {e})"
                     log.warning("bdpass: graph %d: %s; compiling the original graph", index, msg)
@@ -182,6 +274,10 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
     for s in report.skipped:
         log.info("bdpass: graph %d: skipped %s at %s: %s", index, s.kind, s.site, s.reason)
     log.info(report.summary())
+    _compat.trace_artifact("bdpass_graph_before", lambda: gm.print_readable(print_output=False))
+    if kept_new is not None:
+        _compat.trace_artifact("bdpass_graph_after", lambda: kept_new[0].print_readable(print_output=False))
+    _compat.trace_artifact("bdpass_report", lambda: Report(graphs=[report]).to_json(), "json")
     for c in _active_collectors():
         if getattr(c, "keep_graphs", False):
             rewritten = kept_new if isinstance(result, RewrittenGraph) else None
@@ -189,6 +285,12 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
                                   rewritten[1] if rewritten else None)
         c.graphs.append(report)
     return result
+
+
+def _validation_error():
+    from .validate import RewriteValidationError
+
+    return RewriteValidationError
 
 
 def bd_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Any = None,

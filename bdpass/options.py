@@ -33,6 +33,9 @@ class BDOptions:
                         longer run eagerly or be compiled again, and writing to them raises;
                         their factors are frozen (no stale-weight check). Inference deployment
                         only; ``bdpass.prepare`` is the saveable alternative.
+    validate            before lowering, run the original and the rewritten graph in float64 on
+                        the example inputs and refuse the rewrites under which they differ
+                        (with the reason in the report; ``strict`` raises instead).
     strict              re-raise internal errors instead of falling back to plain lowering.
     inductor            extra Inductor config patches passed to ``compile_fx``.
     """
@@ -47,6 +50,7 @@ class BDOptions:
     verify: bool = False
     verify_tol: float | None = None
     release_weights: bool = False
+    validate: bool = True
     strict: bool = False
     inductor: Mapping[str, Any] = field(default_factory=dict)
 
@@ -74,7 +78,7 @@ class BDOptions:
         return opts
 
     def _validate(self) -> None:
-        for name in ("pifa", "bd_qk", "bd_vo", "verify", "strict", "cost_model", "release_weights"):
+        for name in ("pifa", "bd_qk", "bd_vo", "verify", "strict", "cost_model", "release_weights", "validate"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"bdpass: option {name!r} must be a bool, got {getattr(self, name)!r}")
         if self.lowering not in LOWERINGS:

@@ -67,7 +67,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from . import _compat
-from .backend import plan_and_rewrite, node_records
+from .backend import _validated_rewrite, node_records
 from .options import BDOptions
 from .report import GraphReport, Report
 from .runtime import compare_outputs
@@ -773,9 +773,11 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None,
         report.nodes_before = node_records(gm)
         node_map = None
         try:
-            editor, _ = plan_and_rewrite(gm, inputs, opts, report)
+            planned, editor, new_gm, new_inputs = _validated_rewrite(gm, inputs, opts, 0)
+            for name in ("rewrites", "skipped", "params_before", "params_after", "validation",
+                         "validate_seconds"):
+                setattr(report, name, getattr(planned, name))
             if editor is not None:
-                new_gm, new_inputs = editor.finish()
                 node_map = editor.node_map
                 report.nodes_before = node_records(gm, editor.removed_by)
                 report.nodes_after = node_records(new_gm)

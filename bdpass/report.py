@@ -61,6 +61,8 @@ class GraphReport:
     params_after: int = 0
     derived_bytes: int = 0          # bytes of the factors the compiled graph holds
     released_bytes: int = 0         # bytes of replaced weights freed (release_weights=True)
+    validation: str | None = None   # outcome of the float64 check of the rewritten graph
+    validate_seconds: float = 0.0   # time that check took while compiling
     nodes_before: list[NodeRecord] = field(default_factory=list)
     nodes_after: list[NodeRecord] = field(default_factory=list)
     # not serialized: set by the backend when a collector asks for graphs

@@ -29,11 +29,28 @@ class VerificationError(RuntimeError):
 
 @dataclass
 class DerivedGroup:
-    """Tensors derived from some graph inputs (weights) by ``compute``."""
+    """Tensors derived from some graph inputs (weights).
+
+    ``compute(args)`` returns their exact values from the graph's arguments: floating
+    tensors in float64, index tensors in int64, on any device. ``finalize`` casts them once
+    to what the compiled graph reads: floating tensors in ``dtype``, everything on
+    ``device``, contiguous. ``tensors`` holds the finalized values (the graph's extra
+    inputs); refreshing writes new values into them in place."""
     name: str
     sources: tuple[int, ...]                                   # indices into the graph's args
-    compute: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]  # full args -> tensors
+    compute: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]  # full args -> exact tensors
     tensors: list[torch.Tensor]
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+
+    def finalize(self, exact: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [finalize_tensor(t, self.dtype, self.device) for t in exact]
+
+
+def finalize_tensor(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None) -> torch.Tensor:
+    """``t`` as a compiled graph reads it: floating values rounded once to ``dtype``."""
+    want = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+    return t.detach().to(device=device if device is not None else t.device, dtype=want).contiguous()
 
 
 def _signature(t: Any) -> tuple:
@@ -114,7 +131,7 @@ class RewrittenGraph:
             for gi in sorted(stale):
                 g = self.groups[gi]
                 try:
-                    new = g.compute(args)
+                    new = g.finalize(g.compute(args))
                 except Exception as e:  # weights no longer factorizable within budget
                     self._use_original = f"{g.name}: {e}"
                     log.warning("bdpass: graph %d: weights changed and %s can no longer be rewritten (%s); "

@@ -216,6 +216,31 @@ def test_non_finite_weights(bad):
         assert any("non-finite" in s.reason for s in rep.skipped), str(rep)
 
 
+@pytest.mark.parametrize("partner", ["q_proj", "o_proj"])
+def test_non_finite_partner_weight_refuses_its_pair(partner):
+    """B folds into a partner's columns (q) or rows (o): a NaN there would spread over the
+    head, so the pair that folds into it is refused, at compile time and after a change."""
+    torch.manual_seed(5)
+    model = MHA()
+    x = torch.randn(2, 4, 64)
+    kind = "bd_qk" if partner == "q_proj" else "bd_vo"
+    with torch.no_grad():
+        getattr(model, partner).weight[3, 5] = float("nan")
+    rep = _explain(model, x)
+    assert kind not in {r.kind for r in rep.rewrites}, str(rep)
+    assert any(s.kind == kind and "non-finite weights in " + partner in s.reason for s in rep.skipped), str(rep)
+
+    model = MHA().eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="bd", options=AOT)
+    with torch.no_grad():
+        compiled(x)
+        getattr(model, partner).weight[3, 5] = float("nan")
+        got, ref = compiled(x), model(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    torch._dynamo.reset()
+
+
 def test_rank_deficient_blocks():
     torch.manual_seed(6)
     model = SvdLinear(32, 8, 32)

@@ -47,7 +47,6 @@ class _ComponentMath:
             W = site.weight_matrix(args).detach().to("cpu", torch.float64)
             b = site.bias_vector(args)
             b = None if b is None else b.detach().to("cpu", torch.float64)
-            dtype = site.weight.tensor.dtype
             by_g: dict[int, list[Group]] = defaultdict(list)
             for g in gs:
                 by_g[len(g.cols)].append(g)
@@ -55,12 +54,13 @@ class _ComponentMath:
             for gsz, members in sorted(by_g.items()):
                 Wh = torch.stack([W[:, list(g.cols)] for g in members])
                 bh = None if b is None else torch.stack([b[list(g.cols)] for g in members])
-                f = bd_factors(Wh, bh, dtype=dtype, error_budget=self.budget)
+                f = bd_factors(Wh, bh, dtype=torch.float64, error_budget=self.budget)
                 res.append((members, f))
             out[s] = res
         return out
 
     def tensors(self, args, fac=None) -> list[torch.Tensor | None]:
+        """The derived inputs of the rewritten graph, exact (float64 values, int64 indices)."""
         fac = fac if fac is not None else self.factors(args)
         basis = {}
         for s, lst in fac.items():
@@ -70,11 +70,12 @@ class _ComponentMath:
         out: list[torch.Tensor | None] = []
         for lin in self.comp.linears:
             site = self.sites[lin]
-            dev = site.weight.tensor.device
-            dtype = site.weight.tensor.dtype
             W = site.weight_matrix(args).detach().to("cpu", torch.float64).clone()
             b = site.bias_vector(args)
             b = None if b is None else b.detach().to("cpu", torch.float64).clone()
+            if not bool(torch.isfinite(W).all()) or (b is not None and not bool(torch.isfinite(b).all())):
+                # a NaN folded with B would spread over the whole head
+                raise FactorizationError(f"non-finite weights in {site.weight.name}")
             W0, b0 = W.clone(), (None if b is None else b.clone())
             for g in self.comp.groups:
                 B = basis[g.gid]
@@ -88,20 +89,18 @@ class _ComponentMath:
                         W[list(rows), :] = B @ W0[list(rows), :]
             bd_cols = [c for g in self.bd_by_source.get(lin, []) for c in g.cols]
             dense = sorted(set(range(site.d_out)) - set(bd_cols))
-            out.append(W[:, dense].t().contiguous().to(dev, dtype) if dense else None)
-            out.append(b[dense].to(dev, dtype) if (b is not None and dense) else None)
+            out.append(W[:, dense].t() if dense else None)
+            out.append(b[dense] if (b is not None and dense) else None)
             for members, f in fac.get(lin, []):
-                rows = f.rows
-                rest = f.rest_rows
-                out.append(rows.reshape(-1).to(dev))
-                out.append(rest.reshape(-1).to(dev))
-                out.append(f.w_rest.to(dev, dtype))
-                out.append(None if f.bias is None else f.bias.reshape(-1).to(dev, dtype))
+                out.append(f.rows.reshape(-1))
+                out.append(f.rest_rows.reshape(-1))
+                out.append(f.w_rest)
+                out.append(None if f.bias is None else f.bias.reshape(-1))
             if lin in self.bd_by_source:
                 order = dense + [c for members, _ in fac[lin] for g in members for c in g.cols]
                 inv = torch.empty(site.d_out, dtype=torch.long)
                 inv[torch.tensor(order, dtype=torch.long)] = torch.arange(site.d_out)
-                out.append(inv.to(dev))
+                out.append(inv)
         return out
 
 
@@ -134,11 +133,20 @@ def apply_component(editor: GraphEditor, comp: Component, sites: Sequence[Linear
         fac = math_.factors(editor.example_inputs)
     except FactorizationError as e:
         return [], [SkipRecord(g.kind, g.site, str(e)) for g in _one_per_site(comp.groups)]
-    initial = math_.tensors(editor.example_inputs, fac)
+    try:
+        initial = math_.tensors(editor.example_inputs, fac)
+    except FactorizationError as e:
+        return [], [SkipRecord(g.kind, g.site, str(e)) for g in _one_per_site(comp.groups)]
     sources = sorted({i for lin in comp.linears for i in
                       ([sites[lin].weight.index] + ([sites[lin].bias.index] if sites[lin].bias else []))})
     editor.current_rewrite = first_index
-    nodes = editor.add_derived(f"bd{first_index}", sources, lambda a: math_.tensors(a), initial)
+    dtypes = {sites[lin].weight.tensor.dtype for lin in comp.linears}
+    devices = {sites[lin].weight.tensor.device for lin in comp.linears}
+    if len(dtypes) != 1 or len(devices) != 1:
+        why = "the component's weights differ in dtype or device"
+        return [], [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
+    nodes = editor.add_derived(f"bd{first_index}", sources, lambda a: math_.tensors(a), initial,
+                               dtype=dtypes.pop(), device=devices.pop())
     it = iter(nodes)
     linear = torch._C._nn.linear
     for lin in comp.linears:

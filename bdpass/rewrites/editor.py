@@ -30,6 +30,7 @@ class GraphEditor:
         self.groups: list[DerivedGroup] = []
         self._n_inputs = len(example_inputs)
         self._new_inputs: list[torch.Tensor] = []
+        self._exact_inputs: list[torch.Tensor] = []   # the new inputs' exact values (float64/int64)
         self._last_placeholder = [n for n in self.graph.nodes if n.op == "placeholder"][-1] \
             if any(n.op == "placeholder" for n in self.graph.nodes) else None
         self.current_rewrite: int | None = None
@@ -55,22 +56,28 @@ class GraphEditor:
         self._replaced[orig] = value
 
     def add_derived(self, name: str, sources: Sequence[int],
-                    compute: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
-                    tensors: list[torch.Tensor | None] | None = None) -> list[torch.fx.Node | None]:
+                    compute: Callable[[Sequence[torch.Tensor]], list[torch.Tensor | None]],
+                    exact: list[torch.Tensor | None] | None = None, *,
+                    dtype: torch.dtype, device: torch.device) -> list[torch.fx.Node | None]:
         """Register tensors derived from graph inputs ``sources`` as new graph inputs.
 
-        ``compute(args)`` recomputes them from the graph's runtime arguments; entries that
+        ``compute(args)`` recomputes their exact values (float64 / int64) from the graph's
+        runtime arguments; ``exact`` are those values at the example inputs (computed if not
+        given). The graph reads them rounded once to ``dtype`` on ``device``. Entries that
         are None (e.g. an absent bias) get no input and come back as None."""
-        if tensors is None:
+        if exact is None:
             with torch.no_grad():
-                tensors = compute(self.example_inputs)
+                exact = compute(self.example_inputs)
+        present = [i for i, t in enumerate(exact) if t is not None]
+        group = DerivedGroup(name=name, sources=tuple(sorted(set(sources))), compute=None, tensors=[],
+                             dtype=dtype, device=device)
         nodes: list[torch.fx.Node | None] = []
-        kept: list[torch.Tensor] = []
-        for k, t in enumerate(tensors):
+        for k, t in enumerate(exact):
             if t is None:
                 nodes.append(None)
                 continue
-            t = t.detach().contiguous()
+            t = t.detach()
+            kept = group.finalize([t])[0]
             anchor = self._last_placeholder
             if anchor is None:
                 ctx = self.graph.inserting_before(next(iter(self.graph.nodes)))
@@ -78,19 +85,19 @@ class GraphEditor:
                 ctx = self.graph.inserting_after(anchor)
             with ctx:
                 ph = self.graph.placeholder(f"bd_{name}_{k}")
-            _compat.mark_new_placeholder(ph, t, self.fake_mode)
+            _compat.mark_new_placeholder(ph, kept, self.fake_mode)
             self._last_placeholder = ph
             nodes.append(ph)
-            kept.append(t)
-        present = [i for i, t in enumerate(tensors) if t is not None]
+            group.tensors.append(kept)
+            self._exact_inputs.append(t)
 
         def compute_present(args, _c=compute, _p=present):
             full = _c(args)
-            return [full[i].contiguous() for i in _p]
+            return [full[i] for i in _p]
 
-        self.groups.append(DerivedGroup(name=name, sources=tuple(sorted(set(sources))),
-                                        compute=compute_present, tensors=kept))
-        self._new_inputs.extend(kept)
+        group.compute = compute_present
+        self.groups.append(group)
+        self._new_inputs.extend(group.tensors)
         return nodes
 
     def call(self, target: Any, args: tuple, kwargs: dict | None = None, origin: Any = None,
@@ -127,6 +134,12 @@ class GraphEditor:
                     # weight transposes feeding a removed linear die with it
                     pending.extend(a for a in inputs if a not in pending and not a.users)
                     changed = True
+
+    def exact_inputs(self) -> list[torch.Tensor]:
+        """The example inputs with every derived input at its exact value (float64 factors
+        instead of the rounded ones the graph reads, on the graph's device): what
+        validation runs."""
+        return self.example_inputs + [t.to(k.device) for t, k in zip(self._exact_inputs, self._new_inputs)]
 
     def finish(self) -> tuple[torch.fx.GraphModule, list]:
         self._erase_dead()

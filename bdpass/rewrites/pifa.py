@@ -74,22 +74,29 @@ def _column_order(chain: Chain, args: Sequence[torch.Tensor], error_budget: floa
 
 
 def _factors_fn(chain: Chain, error_budget: float, producer: Chain | None = None):
+    """(compute, tensors): the chain's exact factors (float64) from the graph's arguments,
+    and the list of derived inputs the rewritten graph reads, also exact."""
     first, second = chain.first, chain.second
-    dtype = dtype_of(second.core) or second.weight.tensor.dtype
 
     def compute(args: Sequence[torch.Tensor]):
         A = first.weight_matrix(args)
         if producer is not None:    # inputs arrive in the producer's column order
             A = A[_column_order(producer, args, error_budget).to(A.device)]
         return pifa_factors(A, second.weight_matrix(args), first.bias_vector(args), second.bias_vector(args),
-                            dtype=dtype, error_budget=error_budget)
+                            dtype=torch.float64, error_budget=error_budget)
 
     def tensors(args: Sequence[torch.Tensor]) -> list:
-        f = compute(args)
-        return [f.w_pivot.t().contiguous(), f.b_pivot, f.coeff.t().contiguous(), f.b_rest,
-                f.inv_perm.to(f.w_pivot.device)]
+        return _derived(compute(args))
 
     return compute, tensors
+
+
+def _derived(f) -> list:
+    return [f.w_pivot.t(), f.b_pivot, f.coeff.t(), f.b_rest, f.inv_perm]
+
+
+def _compute_dtype(chain: Chain) -> torch.dtype:
+    return dtype_of(chain.second.core) or chain.second.weight.tensor.dtype
 
 
 def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budget: float,
@@ -104,7 +111,7 @@ def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budg
         return SkipRecord(KIND, chain.site, f"saves {100 * saving:.2g}% of the chain's weights, below "
                                             f"min_saving={100 * min_saving:.2g}%")
     if cost_model:
-        dtype = dtype_of(second.core) or second.weight.tensor.dtype
+        dtype = _compute_dtype(chain)
         est = cost.pifa(first.tokens, d_in, r, d_out, dtype, second.weight.tensor.device, restore_order)
         if not est.pays:
             return SkipRecord(KIND, chain.site, est.reason("the PIFA pair", cost.device_model(
@@ -132,10 +139,10 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
     f = factors if (factors is not None and producer is None) else compute(editor.example_inputs)
     linked = (first, second) + ((producer.first, producer.second) if producer is not None else ())
     sources = [s.weight.index for s in linked] + [s.bias.index for s in linked if s.bias is not None]
-    initial = [f.w_pivot.t().contiguous(), f.b_pivot, f.coeff.t().contiguous(), f.b_rest,
-               f.inv_perm.to(f.w_pivot.device)]
     editor.current_rewrite = index
-    w_p, b_p, c_t, b_r, inv = editor.add_derived(f"pifa{index}", sources, tensors_fn, initial)
+    w_p, b_p, c_t, b_r, inv = editor.add_derived(f"pifa{index}", sources, tensors_fn, _derived(f),
+                                                 dtype=_compute_dtype(chain),
+                                                 device=second.weight.tensor.device)
     target = editor.new(second.output)
     linear = torch._C._nn.linear
     with editor.graph.inserting_before(target):

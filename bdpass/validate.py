@@ -1,0 +1,107 @@
+"""Validation of a rewritten graph while compiling: a safety net under the analysis.
+
+Before a rewritten graph is handed to Inductor, the original graph and the rewritten one
+are both run in float64 (:class:`bdpass.graph.exact.Float64Interpreter`) on the example
+inputs the graph is being compiled for, the rewritten one with its derived weights at
+their exact (float64) values. In exact arithmetic every rewrite is an identity, so the
+two runs must agree at every output and in every input the graph writes to (a cache), up
+to float64 rounding grown by the rewrites' error bounds. A mismatch means the analysis or
+the rewrite is wrong for this graph: the backend then refuses the rewrites responsible
+(each is tried alone to find them) and says why in the report.
+
+What this does not check: the rounding of the factors to the model's dtype (that is what
+the error bound and budget are for), and behaviour on inputs whose control flow differs
+from the example's (a Dynamo graph has none: a different path is a different graph).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+
+from .graph.exact import Float64Interpreter, float64_inputs
+from .runtime import VerificationError, compare_outputs
+
+# Relative-L2 tolerance per unit of error bound: float64 rounding (1.1e-16) grown by the
+# rewrite's error bound and by the rest of the graph, with ample room; a structural error
+# (a wrong column, basis or order) is many orders of magnitude above it.
+TOL_PER_BOUND = 1e-10
+TOL_FLOOR = 1e-9
+
+
+class RewriteValidationError(VerificationError):
+    """Raised with ``strict=True`` when a rewritten graph fails validation."""
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    reason: str = ""            # why it failed, or why validation was skipped
+    skipped: bool = False
+    seconds: float = 0.0
+
+
+def fake_inputs(example_inputs: Sequence[Any]) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(t, FakeTensor) or (isinstance(t, torch.Tensor) and t.device.type == "meta")
+               for t in example_inputs)
+
+
+def tolerance(bounds: Sequence[float]) -> float:
+    return max(TOL_FLOOR, TOL_PER_BOUND * max([1.0, *bounds]))
+
+
+def _leaves(out: Any) -> list:
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _leaves(o)]
+    return [out]
+
+
+# Relative-L2 tolerance when part of the graph had to run in float32 (an op without a
+# float64 kernel): the two runs then differ by float32 rounding there.
+TOL_NARROWED = 1e-4
+
+
+def _run(gm: torch.fx.GraphModule, inputs: Sequence[Any], weights: set[int]) -> tuple[list, list, list]:
+    """(outputs, non-weight inputs after the run, nodes run in float32) of a float64 run."""
+    args = float64_inputs(inputs, weights)
+    with torch.random.fork_rng(devices=_devices(inputs)):
+        torch.manual_seed(0)
+        interp = Float64Interpreter(gm)
+        out = interp.run(*args)
+    states = [a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in weights]
+    return [t for t in _leaves(out) if isinstance(t, torch.Tensor)], states, interp.narrowed
+
+
+def _devices(inputs: Sequence[Any]) -> list:
+    return sorted({t.device.index or 0 for t in inputs
+                   if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+
+
+def compare(gm: torch.fx.GraphModule, inputs: Sequence[Any], new_gm: torch.fx.GraphModule,
+            new_inputs_exact: Sequence[Any], weights: set[int], tol: float,
+            reference: tuple | None = None) -> tuple[str | None, tuple]:
+    """Run both graphs in float64; returns (None or the first mismatch, the original's
+    results for reuse as ``reference``)."""
+    with torch.no_grad():
+        ref = reference if reference is not None else _run(gm, inputs, weights)
+        n_orig = len(inputs)
+        got = _run(new_gm, new_inputs_exact, weights | set(range(n_orig, len(new_inputs_exact))))
+    if ref[2] or got[2]:
+        tol = max(tol, TOL_NARROWED)
+    try:
+        compare_outputs(got[0], ref[0], tol, "output")
+        compare_outputs(got[1][:len(ref[1])], ref[1], tol, "input written by the graph")
+    except VerificationError as e:
+        return str(e), ref
+    return None, ref
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    res = fn(*args, **kwargs)
+    return res, time.perf_counter() - t0

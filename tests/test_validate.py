@@ -1,0 +1,137 @@
+"""Validation while compiling: a wrong rewrite never reaches the user."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import bdpass
+from bdpass.rewrites import editor as editor_mod
+from bdpass.rewrites import pifa as pifa_rw
+from attention_models import MHA
+from helpers import side_by_side
+from test_compose import Stack
+
+OPTS = {"cost_model": False, "min_saving": 0.0}
+
+
+def _stale_reads(monkeypatch):
+    """The editor of an earlier release: a rewrite reads the copy of a node even when an
+    earlier rewrite replaced it (a chain fed directly by a rewritten chain read the old
+    values)."""
+    monkeypatch.setattr(editor_mod.GraphEditor, "new",
+                        lambda self, n: self._map[n] if isinstance(n, torch.fx.Node) else n)
+
+
+def _wrong_order(monkeypatch):
+    """Factors whose column order is off by one position."""
+    real = pifa_rw._derived
+
+    def derived(f):
+        out = real(f)
+        out[-1] = out[-1].roll(1)
+        return out
+    monkeypatch.setattr(pifa_rw, "_derived", derived)
+
+
+def test_passing_graph_reports_validation():
+    torch.manual_seed(0)
+    bd_err, ind_err, _, _, report = side_by_side(Stack("linear", "flinear", "direct"), (torch.randn(2, 5, 48),),
+                                                 options=OPTS)
+    g = report.graphs[0]
+    assert len(report.rewrites) == 2
+    assert g.validation.startswith("passed"), g.validation
+    assert g.validate_seconds > 0
+
+
+def test_stale_read_is_refused(monkeypatch, caplog):
+    _stale_reads(monkeypatch)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="bdpass"):
+        bd_err, ind_err, _, _, report = side_by_side(Stack("linear", "flinear", "direct"),
+                                                     (torch.randn(2, 5, 48),), options=OPTS)
+    # without validation this composition is 0.4 off; with it, the culprit is refused
+    assert bd_err <= 10 * max(ind_err, 1e-7), (bd_err, ind_err)
+    reasons = [s.reason for s in report.skipped]
+    assert any(r.startswith("validation:") for r in reasons), str(report)
+    assert "validation" in caplog.text
+
+
+def test_wrong_factors_refused_then_lowered_plain(monkeypatch):
+    _wrong_order(monkeypatch)
+    torch.manual_seed(0)
+    bd_err, ind_err, _, _, report = side_by_side(Stack("linear", "linear", "gelu"), (torch.randn(2, 5, 48),),
+                                                 options=OPTS)
+    assert report.rewrites == [], str(report)
+    assert bd_err <= 2 * max(ind_err, 1e-7)
+    skipped = [s for s in report.skipped if s.reason.startswith("validation:")]
+    assert len(skipped) == 2 and all(s.kind == "pifa" for s in skipped), str(report)
+    assert "relative L2 difference" in skipped[0].reason
+
+
+def test_only_the_wrong_unit_is_refused(monkeypatch):
+    """A BD rewrite next to a broken PIFA chain keeps its rewrite."""
+    real = pifa_rw._derived
+
+    def derived(f):
+        out = real(f)
+        out[0] = out[0] * 1.01          # a wrong pivot weight
+        return out
+    monkeypatch.setattr(pifa_rw, "_derived", derived)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = MHA(d=40, heads=4, head_dim=8, bias=False, attn="sdpa", rope="none")
+            self.mlp = Stack("linear", "linear", "direct", d=40, r=12)
+
+        def forward(self, x):
+            return self.mlp(self.attn(x))
+    torch.manual_seed(0)
+    bd_err, ind_err, _, _, report = side_by_side(Block(), (torch.randn(2, 6, 40),), options=OPTS)
+    kinds = sorted(r.kind for r in report.rewrites)
+    assert "pifa" not in kinds and {"bd_qk", "bd_vo"} <= set(kinds), str(report)
+    assert bd_err <= 100 * max(ind_err, 1e-7)
+
+
+def test_strict_raises(monkeypatch):
+    _wrong_order(monkeypatch)
+    torch._dynamo.reset()
+    model = Stack("linear", "linear", "gelu").eval()
+    with pytest.raises(Exception, match="validation"), torch.no_grad():
+        torch.compile(model, backend="bd", options={**OPTS, "strict": True})(torch.randn(2, 5, 48))
+    torch._dynamo.reset()
+
+
+def test_validation_off_is_an_option(monkeypatch):
+    _wrong_order(monkeypatch)
+    torch.manual_seed(0)
+    bd_err, ind_err, _, _, report = side_by_side(Stack("linear", "linear", "gelu"), (torch.randn(2, 5, 48),),
+                                                 options={**OPTS, "validate": False})
+    assert len(report.rewrites) == 2 and report.graphs[0].validation is None
+    assert bd_err > 1e-3       # the broken factors reach the output: that is what validation prevents
+
+
+def test_torch_trace_artifacts(tmp_path):
+    """TORCH_TRACE gets the graph before and after and the report (for tlparse)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from lowrank_models import SvdLinear
+        m = SvdLinear(32, 8, 32).eval()
+        with torch.no_grad():
+            torch.compile(m, backend="bd", options={{"cost_model": False, "lowering": "aot_eager"}})(torch.randn(3, 32))
+    """))
+    env = {**os.environ, "TORCH_TRACE": str(tmp_path / "trace")}
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = "".join(p.read_text() for p in (tmp_path / "trace").iterdir())
+    for name in ("bdpass_graph_before", "bdpass_graph_after", "bdpass_report"):
+        assert f'"name": "{name}"' in text, name
