@@ -156,6 +156,21 @@ def test_dynamic_shapes_random_pairs(family):
             assert rel_l2(out, ref) <= 100 * max(rel_l2(eager, ref), 1e-7)
 
 
+def test_dynamic_true_keeps_rewrites_under_inductor():
+    """dynamic=True makes Dynamo restart its analysis from inside the backend
+    (TensorifyScalarRestartAnalysis): that signal must propagate, not become a fallback."""
+    model, args, kwargs = zoo.build("gpt2")
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="bd", dynamic=True, options={"cost_model": False})
+    with torch.no_grad(), bdpass.collect_reports() as rep:
+        outs = [(f(args[0][:, :n]).logits, model(args[0][:, :n]).logits) for n in (12, 7, 10)]
+    torch._dynamo.reset()
+    assert rep.rewrites and all(g.fallback is None for g in rep.graphs), str(rep)
+    assert {r.kind for r in rep.rewrites} == {"bd_qk", "bd_vo"}, str(rep)
+    for got, want in outs:
+        assert rel_l2(got, want) < 1e-4
+
+
 # ------------------------------------------------------------------ 4. caches
 def test_same_structure_different_weights_one_process():
     torch.manual_seed(4)
