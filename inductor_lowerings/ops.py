@@ -47,13 +47,14 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .aten_impl import bd_project_aten, pivot_linear_aten
+from .bd_linear import bd_linear_blocks, bd_linear_fake, bd_linear_reference
 
-__all__ = ["HAS_TRITON_KERNELS", "bd_project", "pivot_linear"]
+__all__ = ["HAS_TRITON_KERNELS", "bd_linear", "bd_project", "pivot_linear"]
 
 try:  # Triton is optional: without it the aten implementation serves every device.
     from torch.library import triton_op
 
-    from .triton_kernels import bd_project_triton, pivot_linear_triton   # imports triton
+    from .triton_kernels import bd_heads_triton, bd_project_triton, pivot_linear_triton   # imports triton
     HAS_TRITON_KERNELS = True
 except Exception:  # ImportError, or a Triton build that fails to import
     HAS_TRITON_KERNELS = False
@@ -180,6 +181,51 @@ def _pivot_backward(ctx, gy):
     gc = yp.t() @ g_r if need[3] else None
     gbr = g_r.sum(0) if need[4] and ctx.has_br else None
     return gx, gwp, gbp, gc, gbr, None, None
+
+
+# ----------------------------------------------------------------------------- bd_linear
+def _bd_linear(x: torch.Tensor, sel: torch.Tensor, rest: torch.Tensor, w_rest: torch.Tensor,
+               b_rest: Optional[torch.Tensor], head_table: list[int], head_col: list[int],
+               w_dense: list[torch.Tensor], b_dense: list[Optional[torch.Tensor]], dense_col: list[int],
+               d_out: int) -> torch.Tensor:
+    bd_heads = None
+    if _use_triton(x) and len(head_col):
+        def bd_heads(x2, out):
+            bd_heads_triton(x2, sel, rest, w_rest, b_rest, head_table, head_col, out)
+    return bd_linear_blocks(x, sel, rest, w_rest, b_rest, head_table, head_col, w_dense, b_dense,
+                            dense_col, d_out, bd_heads=bd_heads)
+
+
+def _bd_linear_setup(ctx, inputs, output):
+    x, sel, rest, w_rest, b_rest, head_table, head_col, w_dense, b_dense, dense_col, d_out = inputs
+    ctx.meta = (list(head_table), list(head_col), list(dense_col), d_out, b_rest is not None,
+                [b is not None for b in b_dense], len(w_dense))
+    ctx.save_for_backward(x, sel, rest, w_rest, b_rest, *w_dense, *[b for b in b_dense if b is not None])
+
+
+def _bd_linear_backward(ctx, gy):
+    head_table, head_col, dense_col, d_out, has_b, has_bd, n_dense = ctx.meta
+    saved = list(ctx.saved_tensors)
+    x, sel, rest, w_rest, b_rest = saved[:5]
+    w_dense = saved[5:5 + n_dense]
+    it = iter(saved[5 + n_dense:])
+    b_dense = [next(it) if h else None for h in has_bd]
+    leaves = [t.detach().requires_grad_(True) if t is not None else None
+              for t in [x, w_rest, b_rest, *w_dense, *b_dense]]
+    lx, lw, lb = leaves[:3]
+    lwd = leaves[3:3 + n_dense]
+    lbd = leaves[3 + n_dense:]
+    with torch.enable_grad():
+        y = bd_linear_reference(lx, sel, rest, lw, lb, head_table, head_col, lwd, lbd, dense_col, d_out)
+        want = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(y, want, gy, allow_unused=True))
+    g = [next(grads) if t is not None else None for t in leaves]
+    return (g[0], None, None, g[1], g[2], None, None, g[3:3 + n_dense], g[3 + n_dense:], None, None)
+
+
+bd_linear = torch.library.custom_op("bdpass::bd_linear", _bd_linear, mutates_args=())
+bd_linear.register_fake(bd_linear_fake)
+bd_linear.register_autograd(_bd_linear_backward, setup_context=_bd_linear_setup)
 
 
 # ----------------------------------------------------------------------------- registration
