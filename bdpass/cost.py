@@ -104,3 +104,23 @@ def bd_projection(M: int, d_in: int, d_out_dense: int, heads: int, g: int, dtype
     new += _pointwise(dev, M * heads * g, dtype)                               # identity add
     new += _gather(dev, M * n_total, dtype)                                    # column order
     return Estimate(orig, new)
+
+
+def bd_linear(M: int, d_in: int, d_out: int, heads: int, g: int, tables: int, dtype: torch.dtype,
+              device: torch.device) -> Estimate:
+    """``bdpass::bd_linear`` with ``heads`` x ``g`` BD columns and ``tables`` pivot tables
+    against the dense projection. On a GPU the kernel reads the rest rows through the table
+    and starts its accumulator at the identity term; on a CPU each table gathers its rest
+    rows once, the identity term is one pass over the BD columns, and each table's heads are
+    GEMMs of their own."""
+    dev = device_model(device)
+    n_bd = heads * g
+    K = d_in - g
+    orig = _gemm(dev, M, d_in, d_out, dtype)
+    new = _gemm(dev, M, d_in, d_out - n_bd, dtype) if d_out > n_bd else 0.0
+    if device.type == "cuda":
+        return Estimate(orig, new + _gemm(dev, M, K, n_bd, dtype))
+    per_table = heads // max(tables, 1)
+    new += tables * (_gemm(dev, M, K, per_table * g, dtype) + _gather(dev, M * d_in, dtype))
+    new += _pointwise(dev, M * n_bd, dtype, passes=2)
+    return Estimate(orig, new)

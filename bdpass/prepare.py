@@ -321,6 +321,17 @@ for _f in (torch._C._nn.linear, torch.nn.functional.linear, torch.index_select, 
            torch.permute, torch.squeeze, torch.unsqueeze, torch.split, torch.gather, torch.stack,
            operator.getitem, operator.add, operator.sub, operator.mul, operator.matmul, operator.neg):
     _SAFE_FUNCTIONS[_qualified(_f)] = _f
+
+
+def _bdpass_op(key: str) -> Callable | None:
+    """The project's own custom ops (what the rewrites emit), by qualified name."""
+    import inductor_lowerings  # noqa: F401  (registers the ops)
+
+    for name in ("bd_linear", "pivot_linear", "bd_project"):
+        op = getattr(torch.ops.bdpass, name).default
+        if _qualified(op) == key:
+            return op
+    return None
 _SAFE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "t", "unsqueeze", "squeeze",
                  "flatten", "unflatten", "to", "expand", "narrow", "split", "add", "mul", "sub",
                  "matmul", "index_select", "float", "half", "bfloat16", "double", "type_as", "clone"}
@@ -359,6 +370,9 @@ class _Resolver:
             return self.by_key[key]
         if key in _SAFE_FUNCTIONS:
             return _SAFE_FUNCTIONS[key]
+        op = _bdpass_op(key)
+        if op is not None:
+            return op
         raise ValueError(f"bdpass: prepared graph calls {key!r}, which neither the model's graph "
                          f"nor bdpass's rewrites use")
 

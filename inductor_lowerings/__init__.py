@@ -6,10 +6,10 @@ their contracts and :mod:`inductor_lowerings.triton_kernels` for the kernel desi
 * ``torch.ops.bdpass.bd_project`` -- a basis-decomposed projection: per head, the
   identity rows of ``x`` plus a GEMM over the remaining rows (one GEMM for all heads
   when they share their rows);
-* ``torch.ops.bdpass.bd_linear`` -- a whole projection after basis decomposition: BD heads
-  (identity rows plus a GEMM over the other rows, one pivot table per head, per group of
-  heads or shared) and dense column blocks, each written straight into its final columns;
-  this is what the ``bd`` backend emits (see :mod:`inductor_lowerings.bd_linear`);
+* ``torch.ops.bdpass.bd_linear`` -- a whole projection after basis decomposition: blocks
+  of heads sharing a pivot table (identity rows plus a GEMM over the other rows) and dense
+  column blocks, each written straight into its final columns; this is what the ``bd``
+  backend emits (see :mod:`inductor_lowerings.bd_linear`);
 * ``torch.ops.bdpass.pivot_linear`` -- a PIFA chain: the pivot GEMM and the
   coefficient GEMM, each writing its columns straight into their final places.
 

@@ -54,7 +54,7 @@ __all__ = ["HAS_TRITON_KERNELS", "bd_linear", "bd_project", "pivot_linear"]
 try:  # Triton is optional: without it the aten implementation serves every device.
     from torch.library import triton_op
 
-    from .triton_kernels import bd_heads_triton, bd_project_triton, pivot_linear_triton   # imports triton
+    from .triton_kernels import bd_block_triton, bd_project_triton, pivot_linear_triton   # imports triton
     HAS_TRITON_KERNELS = True
 except Exception:  # ImportError, or a Triton build that fails to import
     HAS_TRITON_KERNELS = False
@@ -184,48 +184,54 @@ def _pivot_backward(ctx, gy):
 
 
 # ----------------------------------------------------------------------------- bd_linear
-def _bd_linear(x: torch.Tensor, sel: torch.Tensor, rest: torch.Tensor, w_rest: torch.Tensor,
-               b_rest: Optional[torch.Tensor], head_table: list[int], head_col: list[int],
-               w_dense: list[torch.Tensor], b_dense: list[Optional[torch.Tensor]], dense_col: list[int],
+def _bd_linear(x: torch.Tensor, sel: list[torch.Tensor], rest: list[torch.Tensor], weight: list[torch.Tensor],
+               bias: list[Optional[torch.Tensor]], block_table: list[int], block_col: list[int],
                d_out: int) -> torch.Tensor:
-    bd_heads = None
-    if _use_triton(x) and len(head_col):
-        def bd_heads(x2, out):
-            bd_heads_triton(x2, sel, rest, w_rest, b_rest, head_table, head_col, out)
-    return bd_linear_blocks(x, sel, rest, w_rest, b_rest, head_table, head_col, w_dense, b_dense,
-                            dense_col, d_out, bd_heads=bd_heads)
+    return bd_linear_blocks(x, sel, rest, weight, bias, block_table, block_col, d_out,
+                            bd_block=bd_block_triton if _use_triton(x) else None)
 
 
 def _bd_linear_setup(ctx, inputs, output):
-    x, sel, rest, w_rest, b_rest, head_table, head_col, w_dense, b_dense, dense_col, d_out = inputs
-    ctx.meta = (list(head_table), list(head_col), list(dense_col), d_out, b_rest is not None,
-                [b is not None for b in b_dense], len(w_dense))
-    ctx.save_for_backward(x, sel, rest, w_rest, b_rest, *w_dense, *[b for b in b_dense if b is not None])
+    x, sel, rest, weight, bias, block_table, block_col, d_out = inputs
+    ctx.meta = (len(sel), len(weight), [b is not None for b in bias], list(block_table), list(block_col), d_out)
+    ctx.save_for_backward(x, *sel, *rest, *weight, *[b for b in bias if b is not None])
 
 
 def _bd_linear_backward(ctx, gy):
-    head_table, head_col, dense_col, d_out, has_b, has_bd, n_dense = ctx.meta
+    T, n, has_b, block_table, block_col, d_out = ctx.meta
     saved = list(ctx.saved_tensors)
-    x, sel, rest, w_rest, b_rest = saved[:5]
-    w_dense = saved[5:5 + n_dense]
-    it = iter(saved[5 + n_dense:])
-    b_dense = [next(it) if h else None for h in has_bd]
-    leaves = [t.detach().requires_grad_(True) if t is not None else None
-              for t in [x, w_rest, b_rest, *w_dense, *b_dense]]
-    lx, lw, lb = leaves[:3]
-    lwd = leaves[3:3 + n_dense]
-    lbd = leaves[3 + n_dense:]
+    x, sel, rest, weight = saved[0], saved[1:1 + T], saved[1 + T:1 + 2 * T], saved[1 + 2 * T:1 + 2 * T + n]
+    it = iter(saved[1 + 2 * T + n:])
+    bias = [next(it) if h else None for h in has_b]
+    leaves = [x, *weight, *bias]
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in leaves]
     with torch.enable_grad():
-        y = bd_linear_reference(lx, sel, rest, lw, lb, head_table, head_col, lwd, lbd, dense_col, d_out)
-        want = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(y, want, gy, allow_unused=True))
+        y = bd_linear_reference(leaves[0], sel, rest, leaves[1:1 + n], leaves[1 + n:], block_table, block_col,
+                                d_out)
+        grads = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], gy, allow_unused=True))
     g = [next(grads) if t is not None else None for t in leaves]
-    return (g[0], None, None, g[1], g[2], None, None, g[3:3 + n_dense], g[3 + n_dense:], None, None)
+    return g[0], [None] * T, [None] * T, g[1:1 + n], g[1 + n:], None, None, None
+
+
+def _bd_linear_when_functionalizing(mode, func, types, args, kwargs):
+    """Opaque to Inductor (its CPU and CUDA kernels are the point), but decomposed into its
+    aten reference under ``torch.export``, so that an exported or AOTInductor-packaged
+    program runs without this package installed."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if any(t not in (torch.Tensor, FunctionalTensor) and not issubclass(t, FakeTensor) for t in types):
+        return NotImplemented
+    if torch.compiler.is_exporting():
+        with mode:
+            return bd_linear_reference(*args, **kwargs)
+    return mode.__torch_dispatch__(func, types, args, kwargs)
 
 
 bd_linear = torch.library.custom_op("bdpass::bd_linear", _bd_linear, mutates_args=())
 bd_linear.register_fake(bd_linear_fake)
 bd_linear.register_autograd(_bd_linear_backward, setup_context=_bd_linear_setup)
+bd_linear.register_torch_dispatch(FunctionalTensorMode, _bd_linear_when_functionalizing)
 
 
 # ----------------------------------------------------------------------------- registration

@@ -74,7 +74,6 @@ from torch.library import wrap_triton
 
 __all__ = [
     "INTERPRET",
-    "bd_heads_triton",
     "bd_project_triton",
     "pivot_linear_triton",
 ]
@@ -111,7 +110,7 @@ def _mma(a, b, acc, TF32: tl.constexpr, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _bd_project_kernel(
-    x_ptr, rows_ptr, rest_ptr, w_ptr, b_ptr, out_ptr, table_ptr, colbase_ptr,
+    x_ptr, rows_ptr, rest_ptr, w_ptr, b_ptr, out_ptr,
     M, G, K, N_COLS,
     stride_xm, stride_xk,
     stride_rh, stride_rg,
@@ -121,7 +120,6 @@ def _bd_project_kernel(
     stride_om, stride_on,
     M_BUCKET,
     HAS_BIAS: tl.constexpr, SHARED: tl.constexpr, TF32: tl.constexpr, DOT_F32: tl.constexpr,
-    USE_TABLES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -129,26 +127,18 @@ def _bd_project_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     if SHARED:
-        # N runs over all H*g columns; every head reads the index tables of table 0.
+        # N runs over all H*g columns; every head reads the index tables of head 0.
         col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = col < N_COLS
         head = col // G
         j = col - head * G
         table = 0
-        out_col = col
-        if USE_TABLES:
-            # each head's columns start at its own place in the output
-            out_col = tl.load(colbase_ptr + head, mask=n_mask, other=0) + j
     else:
-        head = tl.program_id(2)
+        table = tl.program_id(2)
         j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = j < G
-        if USE_TABLES:
-            table = tl.load(table_ptr + head)
-            out_col = tl.load(colbase_ptr + head) + j
-        else:
-            table = head
-            out_col = head * G + j
+        head = table
+        col = table * G + j
     xm = offs_m.to(tl.int64)[:, None] * stride_xm
 
     # Identity term (and bias) straight into the float32 accumulator.
@@ -170,7 +160,7 @@ def _bd_project_kernel(
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = _mma(a, w, acc, TF32, DOT_F32)
 
-    out_offs = offs_m.to(tl.int64)[:, None] * stride_om + out_col[None, :] * stride_on
+    out_offs = offs_m.to(tl.int64)[:, None] * stride_om + col[None, :] * stride_on
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -276,11 +266,6 @@ def _unused(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(1)
 
 
-def _unused_index(x: torch.Tensor) -> torch.Tensor:
-    """Stand-in for an absent index table (never read: ``USE_TABLES`` is off)."""
-    return torch.empty(1, dtype=torch.int64, device=x.device)
-
-
 def _tf32(dtype: torch.dtype) -> bool:
     """Whether float32 tiles may go through TF32 tensor cores (torch's matmul setting)."""
     if dtype != torch.float32:
@@ -292,18 +277,21 @@ def _tf32(dtype: torch.dtype) -> bool:
 
 def bd_project_triton(x: torch.Tensor, rows: torch.Tensor, rest: torch.Tensor,
                       w_rest: torch.Tensor, bias: Optional[torch.Tensor],
-                      shared: bool = False, *, config: Optional[dict] = None) -> torch.Tensor:
+                      shared: bool = False, *, config: Optional[dict] = None,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch the BD projection kernel; same contract as ``bdpass::bd_project``.
 
     ``config`` (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K`` and optionally ``num_warps``,
     ``num_stages``) launches the raw kernel with that configuration instead of the
-    autotuned one."""
+    autotuned one. ``out``: an (M, H*g) view (any strides) to write into, e.g. a block of
+    a larger output (then ``x`` must be 2-D and nothing is returned but ``out``)."""
     H, G = rows.shape
     K = rest.shape[1]
     d_in = x.shape[-1]
     x2 = x.reshape(-1, d_in)
     M = x2.shape[0]
-    out = torch.empty((M, H * G), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((M, H * G), device=x.device, dtype=x.dtype)
     if M == 0:
         return out.reshape(*x.shape[:-1], H * G)
     b = bias if bias is not None else _unused(x)
@@ -317,7 +305,7 @@ def bd_project_triton(x: torch.Tensor, rows: torch.Tensor, rest: torch.Tensor,
             return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(G, meta["BLOCK_N"]), H)
     kernel = _bd_project_tuned if config is None else _bd_project_kernel
     wrap_triton(kernel)[grid](
-        x2, rows, rest, w_rest, b, out, _unused_index(x), _unused_index(x),
+        x2, rows, rest, w_rest, b, out,
         M, G, K, n_cols,
         x2.stride(0), x2.stride(1),
         rows.stride(0), rows.stride(1),
@@ -327,55 +315,23 @@ def bd_project_triton(x: torch.Tensor, rows: torch.Tensor, rest: torch.Tensor,
         out.stride(0), out.stride(1),
         _m_bucket(M),
         HAS_BIAS=bias is not None, SHARED=bool(shared),
-        TF32=_tf32(x.dtype), DOT_F32=INTERPRET, USE_TABLES=False,
+        TF32=_tf32(x.dtype), DOT_F32=INTERPRET,
         **(config or {}),
     )
     return out.reshape(*x.shape[:-1], H * G)
 
 
-def bd_heads_triton(x2: torch.Tensor, sel: torch.Tensor, rest: torch.Tensor, w_rest: torch.Tensor,
-                    b_rest: Optional[torch.Tensor], head_table, head_col, out: torch.Tensor, *,
-                    config: Optional[dict] = None) -> None:
-    """The BD heads of ``bdpass::bd_linear`` (see :mod:`inductor_lowerings.bd_linear`) in one
-    launch, written into the (M, d_out) buffer ``out`` at ``head_col``: ``x2`` (M, d_in),
-    ``sel`` (T, g), ``rest`` (T, K), ``w_rest`` (K, H*g), ``b_rest`` (H*g,) or None. One
-    table for all heads runs the shared kernel (a tile spans heads); several run one
-    program column per head, each reading its own table."""
-    T, G = sel.shape
-    K = rest.shape[1]
-    H = len(head_col)
-    M = x2.shape[0]
-    if M == 0 or H == 0:
-        return
-    dev = x2.device
-    tables = torch.tensor(list(head_table), dtype=torch.int64, device=dev)
-    colbase = torch.tensor(list(head_col), dtype=torch.int64, device=dev)
-    w3 = w_rest.view(K, H, G).permute(1, 0, 2)          # (H, K, g) view, rows of K contiguous
-    shared = T == 1
-    n_cols = H * G
-    b = b_rest if b_rest is not None else _unused(x2)
-    sb = (G, 1) if b_rest is not None else (0, 0)
-    if shared:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]), 1)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(G, meta["BLOCK_N"]), H)
-    kernel = _bd_project_tuned if config is None else _bd_project_kernel
-    kernel[grid](
-        x2, sel, rest, w3, b, out, tables, colbase,
-        M, G, K, n_cols,
-        x2.stride(0), x2.stride(1),
-        sel.stride(0), sel.stride(1),
-        rest.stride(0), rest.stride(1),
-        w3.stride(0), w3.stride(1), w3.stride(2),
-        sb[0], sb[1],
-        out.stride(0), out.stride(1),
-        _m_bucket(M),
-        HAS_BIAS=b_rest is not None, SHARED=shared,
-        TF32=_tf32(x2.dtype), DOT_F32=INTERPRET, USE_TABLES=True,
-        **(config or {}),
-    )
+def bd_block_triton(x2: torch.Tensor, sel: torch.Tensor, rest: torch.Tensor, w: torch.Tensor,
+                    b: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """One BD block of ``bdpass::bd_linear`` (see :mod:`inductor_lowerings.bd_linear`): the
+    ``n / g`` adjacent heads sharing table ``(sel, rest)``, with weights ``w`` (K, n) and bias
+    ``b`` (n,), written into the (M, n) view ``out`` by the shared kernel (one GEMM over the
+    rest rows for all the block's heads, the identity term in the accumulator)."""
+    g, K = sel.numel(), rest.numel()
+    H = w.shape[1] // g
+    w3 = w.view(K, H, g).permute(1, 0, 2)          # (H, K, g) view: rows of K contiguous
+    bias = None if b is None else b.view(H, g)
+    bd_project_triton(x2, sel.view(1, g).expand(H, g), rest.view(1, K).expand(H, K), w3, bias, True, out=out)
 
 
 def pivot_linear_triton(x: torch.Tensor, w_p: torch.Tensor, b_p: Optional[torch.Tensor],

@@ -165,13 +165,40 @@ def test_stale_weights_bd():
         torch.testing.assert_close(f(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_cost_model_declines_gather_form_on_cpu():
-    """Without a fused kernel, per-head pivots need a gather and a batched matmul, which
-    the cost model estimates slower than the dense projection on CPU: skipped, and the
-    output is then exactly plain Inductor's."""
+def _timings(monkeypatch, per_form):
+    """Make every measurement report these seconds (the original projection takes 1.0)."""
+    from bdpass import timing
+
+    calls = []
+
+    def measure(device, problem, candidates):
+        calls.append(problem)
+        return {n: (1.0 if n == "original" else per_form.get(n, 9.0)) for n in candidates}
+    monkeypatch.setattr(timing, "measure", measure)
+    return calls
+
+
+def test_measured_slower_is_declined(monkeypatch):
+    """When every form measures slower than the dense projection, BD is skipped with the
+    measured ratio as the reason, and the output is exactly plain Inductor's."""
+    calls = _timings(monkeypatch, {})
     torch.manual_seed(15)
     bd_err, ind_err, _, _, rep = side_by_side(MHA(), (torch.randn(2, 8, 64),))
-    assert rep.rewrites == []
-    assert {s.kind for s in rep.skipped} == {"bd_qk", "bd_vo"}
-    assert all(s.reason.startswith("cost model:") for s in rep.skipped), str(rep)
+    assert calls and all(c["op"] == "bd_linear" and c["M"] == 16 for c in calls)
+    bd = [s for s in rep.skipped if s.kind.startswith("bd")]
+    assert rep.rewrites == [] and {s.kind for s in bd} == {"bd_qk", "bd_vo"}
+    assert all(s.reason.startswith("cost model: the BD projection measured") and "0.11x" in s.reason
+               for s in bd), str(rep)
     assert bd_err == ind_err
+
+
+@pytest.mark.parametrize("fast", ["shared", "per_head", "groups"])
+def test_measured_fastest_form_is_taken(monkeypatch, fast):
+    _timings(monkeypatch, {fast: 0.5})
+    torch.manual_seed(15)
+    bd_err, ind_err, _, _, rep = side_by_side(MHA(d=64, heads=4, head_dim=8), (torch.randn(2, 8, 64),),
+                                              options={"error_budget": 1e4})   # every form a candidate
+    assert {r.kind for r in rep.rewrites} == {"bd_qk", "bd_vo"}, str(rep)
+    assert all(r.details["form"] == fast and r.details["ms"]["original"] == 1000.0 for r in rep.rewrites)
+    bound = max(r.error_bound for r in rep.rewrites)
+    assert bd_err <= bound * max(ind_err, 1e-7), (bd_err, ind_err, bound)

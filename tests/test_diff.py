@@ -139,8 +139,8 @@ def test_lowrank_numerics(lowrank):
     assert row.new.sqnr_db == pytest.approx(-20 * math.log10(row.new.rel_l2), rel=1e-6)
     assert row.new.max_abs > 0
     assert row.dev64 is not None and row.dev64 < 1e-4           # exact identity, factor rounding only
-    internal = [r for r in g.rows if r.role == "internal"]
-    assert internal and all(r.ref_kind in ("new64", None) for r in internal)
+    # the rewritten chain is one op (bdpass::pivot_linear): nothing internal to compare
+    assert [r for r in g.rows if r.role == "internal"] == []
     assert all(not r.diverged for r in g.rows) and lowrank.first_divergence is None
     out = g.outputs()
     assert len(out) == 1 and out[0].new.rel_l2 < 1e-5

@@ -28,9 +28,9 @@ def _wrong_order(monkeypatch):
     """Factors whose column order is off by one position."""
     real = pifa_rw._derived
 
-    def derived(f):
-        out = real(f)
-        out[-1] = out[-1].roll(1)
+    def derived(f, *a):
+        out = real(f, *a)
+        out[-1] = out[-1].roll(1)          # the column order (or the rest weights' last row)
         return out
     monkeypatch.setattr(pifa_rw, "_derived", derived)
 
@@ -74,8 +74,8 @@ def test_only_the_wrong_unit_is_refused(monkeypatch):
     """A BD rewrite next to a broken PIFA chain keeps its rewrite."""
     real = pifa_rw._derived
 
-    def derived(f):
-        out = real(f)
+    def derived(f, *a):
+        out = real(f, *a)
         out[0] = out[0] * 1.01          # a wrong pivot weight
         return out
     monkeypatch.setattr(pifa_rw, "_derived", derived)

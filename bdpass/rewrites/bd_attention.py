@@ -1,72 +1,276 @@
-"""BD on attention head pairs: factors and rewrite of the components planned by
-:mod:`bdpass.rewrites.bd_plan`.
+"""BD on attention head pairs: forms, factors, decision and rewrite of the components
+planned by :mod:`bdpass.rewrites.bd_plan`.
 
-Each projection that owns groups is rewritten as ``x[..., S_h] + x[..., R_h] @ W'_h`` per
-head (identity rows cost nothing), its other columns computed densely with folded weights,
-and the columns put back in their original order so that everything downstream of the
-projection is untouched. Partner projections only get folded weights.
+A *source* is a projection that owns BD heads (K or V channels). Each source is rewritten
+as one ``bdpass::bd_linear`` call (see :mod:`inductor_lowerings.bd_linear`): per head,
+``x[..., S_t] + x[..., R_t] @ W'_h`` written straight into the head's output columns, and
+the projection's other columns (e.g. the queries of a fused QKV projection, with their
+folded weights) as dense blocks in place; everything downstream of the projection is
+untouched. Partner projections (queries, output projections) only get folded weights.
+
+**Forms.** Which rows ``S_t`` a head uses is the *form* of a source:
+
+* ``per_head``: each head its own rows, from QR with column pivoting (the most accurate:
+  condition numbers in the tens on random weights);
+* ``groups``: two groups of adjacent heads, each sharing one row set;
+* ``shared``: one row set for every head of the projection, so that the rest rows are
+  gathered once and adjacent heads are one GEMM (the form that pays on CPUs; it costs
+  accuracy: see :func:`bdpass.identities.shared_rows`).
+
+A form whose error bound (the largest condition number of its blocks) exceeds the budget is
+not a candidate. With ``cost_model`` on, the remaining candidates and the original
+projection are timed on the machine at the graph's token count (:mod:`bdpass.timing`) and
+the fastest candidate is taken if it beats the original; without timing (fake tensors), a
+roofline estimate decides (:mod:`bdpass.cost`). With ``cost_model`` off, the most accurate
+candidate is taken.
 
 Everything derived for one connected set of projections is recomputed together from their
 current weights when any of them changes (see ``bdpass.runtime``).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .. import cost
+from .. import cost, timing
 from ..graph.linears import LinearSite
 from ..graph.ops import dtype_of
-from ..identities import FactorizationError, bd_factors
+from ..identities import FactorizationError, bd_factors_with_rows, pivot_columns
 from ..report import RewriteRecord, SkipRecord
+from ..runtime import finalize_tensor
 from .bd_plan import Component, Group
+
+from inductor_lowerings.bd_linear import contiguous_start
 from .editor import GraphEditor
+
+FORMS = ("per_head", "groups", "shared")
+N_GROUPS = 2
+
+
+# ---------------------------------------------------------------------------- groups
+def _normalized(comp: Component) -> tuple[Component | None, str | None]:
+    """The component with every head's channels in ascending order (its partners' channels
+    permuted alike, which keeps each matched pair), or a reason it cannot be lowered."""
+    groups = []
+    for g in comp.groups:
+        order = sorted(range(len(g.cols)), key=lambda j: g.cols[j])
+        cols = tuple(g.cols[j] for j in order)
+        if cols != tuple(range(cols[0], cols[0] + len(cols))):
+            return None, "a head's channels are not one contiguous block of the projection's output"
+        qp = {(i, tuple(c[j] for j in order)) for i, c in g.q_partners}
+        op = {(i, None if r is None else tuple(r[j] for j in order)) for i, r in g.o_partners}
+        groups.append(dataclasses.replace(g, cols=cols, q_partners=qp, o_partners=op))
+    sources = {g.source for g in groups}
+    for g in groups:
+        if any(i in sources for i, _ in g.o_partners):
+            return None, "a projection is both rewritten by BD and an output projection of it"
+    return Component(list(comp.linears), groups), None
+
+
+@dataclass
+class HeadSet:
+    """The BD heads of one size in a projection, in output-column order."""
+    g: int
+    heads: list[Group]
+
+    def head_table(self, form: str) -> list[int]:
+        """Table (local to the set) of each head in a form."""
+        H = len(self.heads)
+        if form == "per_head":
+            return list(range(H))
+        if form == "groups":
+            return [h * N_GROUPS // H for h in range(H)]
+        return [0] * H
+
+
+@dataclass
+class Source:
+    """A projection that owns BD heads: its head sets (one per head size)."""
+    lin: int
+    sets: list[HeadSet]
+    form: str = "per_head"
+
+    @property
+    def heads(self) -> list[Group]:
+        return [h for st in self.sets for h in st.heads]
+
+    def forms(self) -> list[str]:
+        return [f for f in FORMS if f != "groups" or min(len(st.heads) for st in self.sets) >= 2 * N_GROUPS]
+
+
+def _sources(comp: Component) -> dict[int, Source]:
+    by_src: dict[int, dict[int, list[Group]]] = defaultdict(lambda: defaultdict(list))
+    for g in comp.groups:
+        by_src[g.source][len(g.cols)].append(g)
+    return {s: Source(s, [HeadSet(g, sorted(hs, key=lambda h: h.cols[0])) for g, hs in sorted(sizes.items())])
+            for s, sizes in by_src.items()}
 
 
 # ---------------------------------------------------------------------------- factors
+def _stack(site: LinearSite, args, heads: list[Group]):
+    W = site.weight_matrix(args).detach().to("cpu", torch.float64)
+    b = site.bias_vector(args)
+    b = None if b is None else b.detach().to("cpu", torch.float64)
+    Wh = torch.stack([W[:, list(h.cols)] for h in heads])
+    bh = None if b is None else torch.stack([b[list(h.cols)] for h in heads])
+    return Wh, bh
+
+
+def _table_rows(Wh: torch.Tensor, form: str, table: list[int]) -> torch.Tensor:
+    """Rows (T, g) of each pivot table of a form."""
+    if form == "per_head":
+        return torch.stack([pivot_columns(Wh[h].T, Wh.shape[2]) for h in range(Wh.shape[0])])
+    T = max(table) + 1
+    return torch.stack([_shared_rows(Wh[[h for h in range(Wh.shape[0]) if table[h] == t]]) for t in range(T)])
+
+
+def _shared_rows(Wh: torch.Tensor) -> torch.Tensor:
+    """One row set for all heads of ``Wh`` (H, d_in, g)."""
+    from .. import identities
+
+    fn = getattr(identities, "shared_rows", None)
+    if fn is not None:
+        return fn(Wh)[0]
+    # QR with column pivoting of the stacked heads, each normalised to unit Frobenius norm
+    H, d_in, g = Wh.shape
+    norm = Wh / Wh.flatten(1).norm(dim=1).clamp_min(1e-300)[:, None, None]
+    return pivot_columns(norm.permute(0, 2, 1).reshape(H * g, d_in), g)
+
+
+@dataclass
+class SetFactors:
+    f: object                 # BdFactors of the set's heads
+    rows: torch.Tensor        # (T, g) rows of each table
+    table: list[int]          # table (local) of each head
+
+
+def form_factors(site: LinearSite, src: Source, form: str, args, budget: float) -> list[SetFactors]:
+    """BD factors of every head set of a source in one form (raises FactorizationError)."""
+    out = []
+    for st in src.sets:
+        Wh, bh = _stack(site, args, st.heads)
+        table = st.head_table(form)
+        rows = _table_rows(Wh, form, table)
+        f = bd_factors_with_rows(Wh, rows[table], bh, dtype=torch.float64, error_budget=budget)
+        out.append(SetFactors(f, rows, table))
+    return out
+
+
+def _rest(rows: torch.Tensor, d_in: int) -> torch.Tensor:
+    keep = torch.ones(d_in, dtype=torch.bool)
+    keep[rows] = False
+    return torch.nonzero(keep).flatten()
+
+
+@dataclass
+class Layout:
+    """How a source's output is laid out as ``bd_linear`` blocks: ``tables`` lists each
+    pivot table as (set index, local table) or None for the dense table; ``blocks`` each
+    (table, first column, width, [(set, head) ...] or None for a dense block)."""
+    tables: list
+    blocks: list
+
+
+def source_layout(d_out: int, src: Source) -> Layout:
+    tables: list = []
+    index: dict = {}
+    cols = []                               # (col, table, set, head)
+    owned = torch.zeros(d_out, dtype=torch.bool)
+    for si, st in enumerate(src.sets):
+        for h, (grp, t) in enumerate(zip(st.heads, st.head_table(src.form))):
+            key = (si, t)
+            if key not in index:
+                index[key] = len(tables)
+                tables.append(key)
+            cols.append((grp.cols[0], index[key], si, h, st.g))
+            owned[grp.cols[0]:grp.cols[0] + st.g] = True
+    dense_t = None
+    c = 0
+    while c < d_out:                       # dense runs
+        if owned[c]:
+            c += 1
+            continue
+        e = c
+        while e < d_out and not owned[e]:
+            e += 1
+        if dense_t is None:
+            dense_t = len(tables)
+            tables.append(None)
+        cols.append((c, dense_t, None, None, e - c))
+        c = e
+    cols.sort()
+    blocks = []
+    for col, t, si, h, width in cols:
+        last = blocks[-1] if blocks else None
+        if (si is not None and last is not None and last[0] == t and last[3] is not None
+                and last[1] + last[2] == col):
+            last[2] += width
+            last[3].append((si, h))
+        else:
+            blocks.append([t, col, width, None if si is None else [(si, h)]])
+    return Layout(tables, [tuple(b) for b in blocks])
+
+
+def source_tensors(site: LinearSite, src: Source, fac: list[SetFactors], W: torch.Tensor,
+                   b: torch.Tensor | None) -> list:
+    """A source's derived inputs (exact): every table's sel, every table's rest, then each
+    block's weight (K, n) and bias. ``W`` (d_in, d_out) and ``b``: the projection's weights
+    with any partner folds applied (they serve the dense blocks)."""
+    lay = source_layout(site.d_out, src)
+    sel, rest = [], []
+    for key in lay.tables:
+        if key is None:
+            sel.append(torch.zeros(0, dtype=torch.int64))
+            rest.append(torch.arange(site.d_in))
+        else:
+            rows = fac[key[0]].rows[key[1]]
+            sel.append(rows)
+            rest.append(_rest(rows, site.d_in))
+    blocks = []
+    for t, c, n, members in lay.blocks:
+        if members is None:
+            blocks += [W[:, c:c + n], None if b is None else b[c:c + n]]
+        else:
+            blocks.append(torch.cat([fac[si].f.w_rest[h] for si, h in members], dim=1))
+            has_b = fac[members[0][0]].f.bias is not None
+            blocks.append(torch.cat([fac[si].f.bias[h] for si, h in members]) if has_b else None)
+    return sel + rest + blocks
+
+
+def op_statics(site: LinearSite, src: Source) -> tuple[int, list[int], list[int]]:
+    """(number of tables, block_table, block_col) of a source's ``bd_linear`` call."""
+    lay = source_layout(site.d_out, src)
+    return len(lay.tables), [blk[0] for blk in lay.blocks], [blk[1] for blk in lay.blocks]
+
+
 class _ComponentMath:
     """All derived tensors of one component, computed from the graph's arguments."""
 
-    def __init__(self, comp: Component, sites: Sequence[LinearSite], error_budget: float):
+    def __init__(self, comp: Component, sites: Sequence[LinearSite], sources: dict[int, Source],
+                 error_budget: float):
         self.comp = comp
         self.sites = sites
+        self.sources = sources
         self.budget = error_budget
-        self.bd_by_source: dict[int, list[Group]] = defaultdict(list)
-        for g in comp.groups:
-            self.bd_by_source[g.source].append(g)
-        for gs in self.bd_by_source.values():
-            gs.sort(key=lambda g: g.cols[0])
 
-    def factors(self, args):
-        """{source: [(groups, BdFactors)]} computed in float64 from current weights."""
-        out = {}
-        for s, gs in self.bd_by_source.items():
-            site = self.sites[s]
-            W = site.weight_matrix(args).detach().to("cpu", torch.float64)
-            b = site.bias_vector(args)
-            b = None if b is None else b.detach().to("cpu", torch.float64)
-            by_g: dict[int, list[Group]] = defaultdict(list)
-            for g in gs:
-                by_g[len(g.cols)].append(g)
-            res = []
-            for gsz, members in sorted(by_g.items()):
-                Wh = torch.stack([W[:, list(g.cols)] for g in members])
-                bh = None if b is None else torch.stack([b[list(g.cols)] for g in members])
-                f = bd_factors(Wh, bh, dtype=torch.float64, error_budget=self.budget)
-                res.append((members, f))
-            out[s] = res
-        return out
+    def factors(self, args) -> dict[int, list[SetFactors]]:
+        """{source linear: factors of its head sets} from current weights."""
+        return {s: form_factors(self.sites[s], src, src.form, args, self.budget)
+                for s, src in self.sources.items()}
 
     def tensors(self, args, fac=None) -> list[torch.Tensor | None]:
-        """The derived inputs of the rewritten graph, exact (float64 values, int64 indices)."""
+        """The derived inputs of the rewritten graph, exact (float64 values, int64 indices):
+        per linear, a source's :func:`source_tensors`, a partner's folded ``[w, b]``."""
         fac = fac if fac is not None else self.factors(args)
         basis = {}
-        for s, lst in fac.items():
-            for members, f in lst:
-                for h, g in enumerate(members):
-                    basis[g.gid] = f.basis64[h]
+        for s, sets in fac.items():
+            for st, sf in zip(self.sources[s].sets, sets):
+                for h, g in enumerate(st.heads):
+                    basis[g.gid] = sf.f.basis64[h]
         out: list[torch.Tensor | None] = []
         for lin in self.comp.linears:
             site = self.sites[lin]
@@ -87,101 +291,157 @@ class _ComponentMath:
                 for (os_, rows) in g.o_partners:
                     if os_ == lin:
                         W[list(rows), :] = B @ W0[list(rows), :]
-            bd_cols = [c for g in self.bd_by_source.get(lin, []) for c in g.cols]
-            dense = sorted(set(range(site.d_out)) - set(bd_cols))
-            out.append(W[:, dense].t() if dense else None)
-            out.append(b[dense] if (b is not None and dense) else None)
-            for members, f in fac.get(lin, []):
-                out.append(f.rows.reshape(-1))
-                out.append(f.rest_rows.reshape(-1))
-                out.append(f.w_rest)
-                out.append(None if f.bias is None else f.bias.reshape(-1))
-            if lin in self.bd_by_source:
-                order = dense + [c for members, _ in fac[lin] for g in members for c in g.cols]
-                inv = torch.empty(site.d_out, dtype=torch.long)
-                inv[torch.tensor(order, dtype=torch.long)] = torch.arange(site.d_out)
-                out.append(inv)
+            src = self.sources.get(lin)
+            out += [W.t(), b] if src is None else source_tensors(site, src, fac[lin], W, b)
         return out
 
 
-def estimate(comp: Component, sites: Sequence[LinearSite]) -> str | None:
-    """The cost model's objection to rewriting this component, or None."""
-    by_src: dict[int, list[Group]] = defaultdict(list)
-    for g in comp.groups:
-        by_src[g.source].append(g)
-    for s, gs in by_src.items():
+# ---------------------------------------------------------------------------- decision
+def _can_time(site: LinearSite) -> bool:
+    t = site.weight.tensor
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not isinstance(t, FakeTensor) and t.device.type in ("cpu", "cuda")
+
+
+def _time_source(site: LinearSite, src: Source, cands: dict[str, list[SetFactors]]) -> dict[str, float]:
+    """Median seconds of the original projection and of each candidate form, on random
+    inputs of the site's shape (the dense blocks' weights are random: only shapes matter)."""
+    import inductor_lowerings  # noqa: F401  (registers the ops)
+
+    dev, dt = site.weight.tensor.device, site.weight.tensor.dtype
+    M = max(site.tokens, 1)
+    x = torch.randn(M, site.d_in, device=dev, dtype=dt)
+    W = torch.randn(site.d_out, site.d_in, device=dev, dtype=dt)
+    b = None if site.bias is None else torch.randn(site.d_out, device=dev, dtype=dt)
+    fns = {"original": lambda: torch.nn.functional.linear(x, W, b)}
+    shapes = {}
+    form0 = src.form
+    for form, fac in cands.items():
+        src.form = form
+        T, block_table, block_col = op_statics(site, src)
+        t = [None if v is None else finalize_tensor(v, dt, dev)
+             for v in source_tensors(site, src, fac, W.t().double(), None if b is None else b.double())]
+        args = (t[:T], t[T:2 * T], t[2 * T::2], t[2 * T + 1::2], block_table, block_col, site.d_out)
+        fns[form] = (lambda a=args: torch.ops.bdpass.bd_linear(x, *a))
+        shapes[form] = [[int(args[0][tb].numel()), int(args[2][i].shape[1]), contiguous_start(args[1][tb]) is not None]
+                        for i, tb in enumerate(block_table)]
+    src.form = form0
+    problem = {"op": "bd_linear", "M": M, "d_in": site.d_in, "d_out": site.d_out, "dtype": str(dt),
+               "bias": site.bias is not None, "blocks": shapes}
+    return timing.measure(dev, problem, fns)
+
+
+def decide(comp: Component, sites: Sequence[LinearSite], sources: dict[int, Source], args,
+           error_budget: float, cost_model: bool):
+    """Choose each source's form. Returns (factors per source, details per source, None) or
+    (None, None, the reason not to rewrite)."""
+    chosen, details = {}, {}
+    total_orig = total_new = 0.0
+    measured = True
+    for s, src in sources.items():
         site = sites[s]
-        gsz = len(gs[0].cols)
-        bd_cols = sum(len(g.cols) for g in gs)
-        dtype = dtype_of(site.output) or site.weight.tensor.dtype
+        cands, refused = {}, {}
+        for form in src.forms():
+            try:
+                cands[form] = form_factors(site, src, form, args, error_budget)
+            except FactorizationError as e:
+                refused[form] = str(e)
+        if not cands:
+            return None, None, refused.get("per_head") or next(iter(refused.values()))
+        conds = {form: max(max(sf.f.conds) for sf in v) for form, v in cands.items()}
+        if not cost_model:
+            form = min(cands, key=lambda k: conds[k])
+            details[s] = {"form": form}
+        elif _can_time(site):
+            t = _time_source(site, src, cands)
+            form = min(cands, key=lambda k: t[k])
+            total_orig += t["original"]
+            total_new += t[form]
+            details[s] = {"form": form, "ms": {k: round(v * 1e3, 4) for k, v in t.items()}}
+        else:
+            measured = False
+            dtype = dtype_of(site.output) or site.weight.tensor.dtype
+            est = {}
+            for form in cands:
+                src.form = form
+                T = op_statics(site, src)[0]
+                est[form] = cost.bd_linear(site.tokens, site.d_in, site.d_out, len(src.heads),
+                                           max(st.g for st in src.sets), T, dtype, site.weight.tensor.device)
+            form = min(est, key=lambda k: est[k].rewritten)
+            total_orig += est[form].original
+            total_new += est[form].rewritten
+            details[s] = {"form": form, "estimated_speedup": round(est[form].ratio, 3)}
+        src.form = form
+        chosen[s] = cands[form]
+    if cost_model and total_new > (1.0 - cost.MARGIN) * total_orig:
+        site = sites[next(iter(sources))]
         dev = site.weight.tensor.device
-        est = cost.bd_projection(site.tokens, site.d_in, site.d_out - bd_cols, len(gs), gsz, dtype, dev)
-        if not est.pays:
-            return est.reason(f"the BD projection of {site.weight.name}", cost.device_model(dev), site.tokens)
-    return None
+        how = f"measured on {timing.machine(dev)}" if measured else \
+            f"estimated on {dev.type} (roofline; no real tensors to time)"
+        return None, None, (f"cost model: the BD projection {how} at {total_orig / total_new:.2f}x of the "
+                            f"original at {site.tokens} tokens (needs >= {1 / (1 - cost.MARGIN):.2f}x)")
+    return chosen, details, None
 
 
+# ---------------------------------------------------------------------------- rewrite
 def apply_component(editor: GraphEditor, comp: Component, sites: Sequence[LinearSite],
                     first_index: int, error_budget: float,
                     cost_model: bool = True) -> tuple[list[RewriteRecord], list[SkipRecord]]:
-    if cost_model:
-        why = estimate(comp, sites)
-        if why is not None:
-            return [], [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
-    math_ = _ComponentMath(comp, sites, error_budget)
-    try:
-        fac = math_.factors(editor.example_inputs)
-    except FactorizationError as e:
-        return [], [SkipRecord(g.kind, g.site, str(e)) for g in _one_per_site(comp.groups)]
-    try:
-        initial = math_.tensors(editor.example_inputs, fac)
-    except FactorizationError as e:
-        return [], [SkipRecord(g.kind, g.site, str(e)) for g in _one_per_site(comp.groups)]
-    sources = sorted({i for lin in comp.linears for i in
-                      ([sites[lin].weight.index] + ([sites[lin].bias.index] if sites[lin].bias else []))})
-    editor.current_rewrite = first_index
+    import inductor_lowerings  # noqa: F401  (registers the ops)
+
+    norm, why = _normalized(comp)
+    if norm is None:
+        return [], [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
+    comp = norm
+    sources = _sources(comp)
+    skips: list[SkipRecord] = []
     dtypes = {sites[lin].weight.tensor.dtype for lin in comp.linears}
     devices = {sites[lin].weight.tensor.device for lin in comp.linears}
     if len(dtypes) != 1 or len(devices) != 1:
         why = "the component's weights differ in dtype or device"
-        return [], [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
-    nodes = editor.add_derived(f"bd{first_index}", sources, lambda a: math_.tensors(a), initial,
+        return [], skips + [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
+    fac, details, why = decide(comp, sites, sources, editor.example_inputs, error_budget, cost_model)
+    if fac is None:
+        return [], skips + [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
+    math_ = _ComponentMath(comp, sites, sources, error_budget)
+    try:
+        initial = math_.tensors(editor.example_inputs, fac)
+    except FactorizationError as e:
+        return [], skips + [SkipRecord(g.kind, g.site, str(e)) for g in _one_per_site(comp.groups)]
+    src_of = sorted({i for lin in comp.linears for i in
+                     ([sites[lin].weight.index] + ([sites[lin].bias.index] if sites[lin].bias else []))})
+    editor.current_rewrite = first_index
+    nodes = editor.add_derived(f"bd{first_index}", src_of, lambda a: math_.tensors(a), initial,
                                dtype=dtypes.pop(), device=devices.pop())
     it = iter(nodes)
     linear = torch._C._nn.linear
     for lin in comp.linears:
         site = sites[lin]
-        w_d, b_d = next(it), next(it)
+        src = sources.get(lin)
         target = editor.new(site.output)
         x = editor.new(site.input)
         with editor.graph.inserting_before(target):
-            parts = []
-            if w_d is not None:
-                parts.append(editor.call(linear, (x, w_d, b_d), origin=site.output))
-            for members, f in fac.get(lin, []):
-                rows, rest, w_rest, bias = next(it), next(it), next(it), next(it)
-                H, g = f.rows.shape
-                xs = editor.call(torch.index_select, (x, -1, rows), origin=site.output)
-                xr = editor.call(torch.index_select, (x, -1, rest), origin=site.output)
-                xr = editor.call(torch.unflatten, (xr, -1, (H, site.d_in - g)), origin=site.output)
-                yh = editor.call(torch.einsum, ("...hr,hrg->...hg", xr, w_rest), origin=site.output)
-                y = editor.call(torch.flatten, (yh, -2), origin=site.output)
-                y = editor.call(torch.add, (y, xs), origin=site.output)
-                if bias is not None:
-                    y = editor.call(torch.add, (y, bias), origin=site.output)
-                parts.append(y)
-            if lin in math_.bd_by_source:
-                inv = next(it)
-                y = parts[0] if len(parts) == 1 else editor.call(torch.cat, (parts, -1), origin=site.output)
-                y = editor.call(torch.index_select, (y, -1, inv), origin=site.output)
+            if src is None:
+                w, b = next(it), next(it)
+                y = editor.call(linear, (x, w, b), origin=site.output)
             else:
-                y = parts[0]
+                T, block_table, block_col = op_statics(site, src)
+                sel = [next(it) for _ in range(T)]
+                rest = [next(it) for _ in range(T)]
+                weight, bias = [], []
+                for _ in block_table:
+                    weight.append(next(it))
+                    bias.append(next(it))
+                y = editor.call(torch.ops.bdpass.bd_linear.default,
+                                (x, sel, rest, weight, bias, block_table, block_col, site.d_out),
+                                origin=site.output)
             if dtype_of(site.output) is not None and dtype_of(site.output) != site.weight.tensor.dtype:
                 y = editor.call("to", (y, dtype_of(site.output)), method=True, origin=site.output)
         editor.replace(site.output, y)
         editor.discard([site.output, site.core], first_index)
     editor.current_rewrite = None
-    return _records(comp, sites, fac), []
+    return _records(comp, sites, sources, fac, details), skips
 
 
 def _one_per_site(groups: list[Group]) -> list[Group]:
@@ -193,14 +453,13 @@ def _one_per_site(groups: list[Group]) -> list[Group]:
     return out
 
 
-def _records(comp: Component, sites: Sequence[LinearSite], fac) -> list[RewriteRecord]:
+def _records(comp: Component, sites: Sequence[LinearSite], sources: dict[int, Source], fac,
+             details: dict[int, dict]) -> list[RewriteRecord]:
     cond_of: dict[int, float] = {}
-    shared_of: dict[int, bool] = {}
-    for s, lst in fac.items():
-        for members, f in lst:
-            for h, g in enumerate(members):
-                cond_of[g.gid] = float(f.conds[h])
-                shared_of[g.gid] = bool(f.shared)
+    for s, sets in fac.items():
+        for st, sf in zip(sources[s].sets, sets):
+            for h, g in enumerate(st.heads):
+                cond_of[g.gid] = float(sf.f.conds[h])
     by_key: dict[tuple, list[Group]] = defaultdict(list)
     for g in comp.groups:
         by_key[(g.kind, g.site, g.source)].append(g)
@@ -212,10 +471,13 @@ def _records(comp: Component, sites: Sequence[LinearSite], fac) -> list[RewriteR
         after = sum((d_in - len(g.cols)) * len(g.cols) for g in gs)
         cond = max(cond_of[g.gid] for g in gs)
         partners = sorted({sites[i].weight.name for g in gs for i, _ in (g.q_partners | g.o_partners)})
+        d = details.get(src, {})
         recs.append(RewriteRecord(
             kind=kind, site=site, params_before=before, params_after=after,
             flops_saved=2 * sum(len(g.cols) ** 2 for g in gs), cond=cond, error_bound=cond,
             details={"heads": len(gs), "d_in": d_in, "d_h": d_h[0] if len(d_h) == 1 else d_h,
                      "projection": sites[src].weight.name, "folded_into": partners,
-                     "shared_basis": all(shared_of[g.gid] for g in gs)}))
+                     "form": d.get("form", sources[src].form), "shared_basis": d.get("form") == "shared",
+                     **{k: v for k, v in d.items() if k in ("ms", "estimated_speedup")}}))
     return recs
+

@@ -21,10 +21,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import cost
+from .. import cost, timing
 from ..graph.ops import canonical, dtype_of
 from ..identities import FactorizationError, pifa_factors
 from ..report import RewriteRecord, SkipRecord
+from ..runtime import finalize_tensor
 from .editor import GraphEditor
 from .pifa_plan import KIND, Chain, _reshape_sizes, _static, find_chains, link_chains
 
@@ -73,7 +74,7 @@ def _column_order(chain: Chain, args: Sequence[torch.Tensor], error_budget: floa
     return torch.cat([f.pivots, f.rest])
 
 
-def _factors_fn(chain: Chain, error_budget: float, producer: Chain | None = None):
+def _factors_fn(chain: Chain, error_budget: float, producer: Chain | None = None, restore_order: bool = True):
     """(compute, tensors): the chain's exact factors (float64) from the graph's arguments,
     and the list of derived inputs the rewritten graph reads, also exact."""
     first, second = chain.first, chain.second
@@ -86,13 +87,18 @@ def _factors_fn(chain: Chain, error_budget: float, producer: Chain | None = None
                             dtype=torch.float64, error_budget=error_budget)
 
     def tensors(args: Sequence[torch.Tensor]) -> list:
-        return _derived(compute(args))
+        return _derived(compute(args), restore_order)
 
     return compute, tensors
 
 
-def _derived(f) -> list:
-    return [f.w_pivot.t(), f.b_pivot, f.coeff.t(), f.b_rest, f.inv_perm]
+def _derived(f, restore_order: bool = True) -> list:
+    """The derived inputs of the rewritten chain: the arguments of ``bdpass::pivot_linear``
+    when the output columns go back to their places, else the two linears' weights (the
+    output stays in ``[pivots, rest]`` order for the next chain to absorb)."""
+    if restore_order:
+        return [f.w_pivot, f.b_pivot, f.coeff, f.b_rest, f.pivots, f.rest]
+    return [f.w_pivot.t(), f.b_pivot, f.coeff.t(), f.b_rest]
 
 
 def _compute_dtype(chain: Chain) -> torch.dtype:
@@ -110,18 +116,58 @@ def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budg
     if saving < min_saving:
         return SkipRecord(KIND, chain.site, f"saves {100 * saving:.2g}% of the chain's weights, below "
                                             f"min_saving={100 * min_saving:.2g}%")
+    if factors is None:
+        try:
+            factors = _factors_fn(chain, error_budget)[0](editor_inputs)
+        except FactorizationError as e:
+            return SkipRecord(KIND, chain.site, str(e))
     if cost_model:
-        dtype = _compute_dtype(chain)
-        est = cost.pifa(first.tokens, d_in, r, d_out, dtype, second.weight.tensor.device, restore_order)
-        if not est.pays:
-            return SkipRecord(KIND, chain.site, est.reason("the PIFA pair", cost.device_model(
-                second.weight.tensor.device), first.tokens))
-    if factors is not None:
-        return factors
-    try:
-        return _factors_fn(chain, error_budget)[0](editor_inputs)
-    except FactorizationError as e:
-        return SkipRecord(KIND, chain.site, str(e))
+        why = _cost_objection(chain, factors, restore_order)
+        if why:
+            return SkipRecord(KIND, chain.site, why)
+    return factors
+
+
+def _cost_objection(chain: Chain, f, restore_order: bool) -> str | None:
+    """Why the rewritten chain would not be faster (measured on this machine when the weights
+    are real tensors, else a roofline estimate), or None."""
+    first, second = chain.first, chain.second
+    r, d_in, d_out = chain.rank, first.d_in, second.d_out
+    dtype = _compute_dtype(chain)
+    dev = second.weight.tensor.device
+    M = max(first.tokens, 1)
+    if not _can_time(second.weight.tensor):
+        est = cost.pifa(M, d_in, r, d_out, dtype, dev, restore_order)
+        return None if est.pays else est.reason("the PIFA pair", cost.device_model(dev), M)
+    import inductor_lowerings  # noqa: F401  (registers the ops)
+
+    x = torch.randn(M, d_in, device=dev, dtype=dtype)
+    A, B = torch.randn(r, d_in, device=dev, dtype=dtype), torch.randn(d_out, r, device=dev, dtype=dtype)
+    b = torch.randn(d_out, device=dev, dtype=dtype) if second.bias is not None else None
+    names = ["w_p", "b_p", "c", "b_r"] + (["piv", "rest"] if restore_order else [])
+    d = {k: None if v is None else finalize_tensor(v, dtype, dev)
+         for k, v in zip(names, _derived(f, restore_order))}
+    linear = torch.nn.functional.linear
+    if restore_order:
+        def new():
+            return torch.ops.bdpass.pivot_linear(x, d["w_p"], d["b_p"], d["c"], d["b_r"], d["piv"], d["rest"])
+    else:       # the concatenation fuses into the consumer's element-wise op
+        def new():
+            yp = linear(x, d["w_p"], d["b_p"])
+            return linear(yp, d["c"], d["b_r"])
+    problem = {"op": "pifa", "M": M, "d_in": d_in, "r": r, "d_out": d_out, "dtype": str(dtype),
+               "bias": b is not None, "restore_order": restore_order}
+    ms = timing.measure(dev, problem, {"original": lambda: linear(linear(x, A), B, b), "pifa": new})
+    if ms["pifa"] <= (1.0 - cost.MARGIN) * ms["original"]:
+        return None
+    return (f"cost model: the PIFA pair measured at {ms['original'] / ms['pifa']:.2f}x of the original on "
+            f"{timing.machine(dev)} at {M} tokens (needs >= {1 / (1 - cost.MARGIN):.2f}x)")
+
+
+def _can_time(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not isinstance(t, FakeTensor) and t.device.type in ("cpu", "cuda")
 
 
 def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: float,
@@ -135,23 +181,27 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
     ``decide_chain`` (valid only without a producer)."""
     first, second = chain.first, chain.second
     r, d_in, d_out = chain.rank, first.d_in, second.d_out
-    compute, tensors_fn = _factors_fn(chain, error_budget, producer)
+    import inductor_lowerings  # noqa: F401  (registers the ops)
+
+    compute, tensors_fn = _factors_fn(chain, error_budget, producer, restore_order)
     f = factors if (factors is not None and producer is None) else compute(editor.example_inputs)
     linked = (first, second) + ((producer.first, producer.second) if producer is not None else ())
     sources = [s.weight.index for s in linked] + [s.bias.index for s in linked if s.bias is not None]
     editor.current_rewrite = index
-    w_p, b_p, c_t, b_r, inv = editor.add_derived(f"pifa{index}", sources, tensors_fn, _derived(f),
-                                                 dtype=_compute_dtype(chain),
-                                                 device=second.weight.tensor.device)
+    derived = editor.add_derived(f"pifa{index}", sources, tensors_fn, _derived(f, restore_order),
+                                 dtype=_compute_dtype(chain), device=second.weight.tensor.device)
     target = editor.new(second.output)
     linear = torch._C._nn.linear
     with editor.graph.inserting_before(target):
         x = editor.new(first.input)
-        yp = editor.call(linear, (x, w_p, b_p), origin=first.output)
-        yr = editor.call(linear, (yp, c_t, b_r), origin=second.output)
-        y = editor.call(torch.cat, ([yp, yr], -1), origin=second.output)
         if restore_order:
-            y = editor.call(torch.index_select, (y, -1, inv), origin=second.output)
+            # pivot columns and the others each written straight to their places
+            y = editor.call(torch.ops.bdpass.pivot_linear.default, (x, *derived), origin=second.output)
+        else:
+            w_p, b_p, c_t, b_r = derived
+            yp = editor.call(linear, (x, w_p, b_p), origin=first.output)
+            yr = editor.call(linear, (yp, c_t, b_r), origin=second.output)
+            y = editor.call(torch.cat, ([yp, yr], -1), origin=second.output)
         for m in chain.between:
             args = [y] + [editor.new(a) for a in m.args[1:]]
             kwargs = {k: editor.new(v) for k, v in m.kwargs.items()}
