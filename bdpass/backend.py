@@ -136,20 +136,42 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport,
 
 
 def _validated_rewrite(gm, example_inputs, opts: BDOptions, index: int):
-    """Plan and rewrite, then validate (``opts.validate``); rewrites whose graph does not
-    match the original in float64 are refused and the graph is planned again without them.
+    """Plan and rewrite, then validate (``opts.validate``): the rewritten graph must match
+    the original in float64 (structure) and its output error in the model's dtype must stay
+    within the error budget of the original's (numerics). Rewrites that fail are refused
+    (each unit of rewrites is tried alone to find them; if none fails alone, all are) and
+    the graph is planned again without them.
 
     Returns (report, editor or None, new graph module, new inputs)."""
     from . import validate as val
 
     exclude: dict[str, str] = {}
-    seconds = 0.0
-    reference = None
+    state = {"seconds": 0.0, "reference": None}
+    weights = {p.index for p in find_params(gm, example_inputs).values()}
+
+    def check(editor, new_gm, new_inputs, records) -> tuple[str | None, dict | None, float]:
+        """(why it fails or None, measured errors, float64 tolerance)."""
+        tol = val.tolerance([r.error_bound for r in records])
+        (bad, state["reference"]), dt = val.timed(val.compare, gm, example_inputs, new_gm, editor.exact_inputs(),
+                                                  weights, tol, state["reference"])
+        state["seconds"] += dt
+        if bad is not None:
+            return f"validation: the rewritten graph differs from the original in float64 ({bad})", None, tol
+        (e0, e1), dt = val.timed(val.measured_errors, gm, example_inputs, new_gm, new_inputs, weights,
+                                 state["reference"])
+        state["seconds"] += dt
+        growth = e1 / max(e0, val.error_floor(example_inputs))
+        errors = {"original": e0, "rewritten": e1, "growth": growth}
+        if growth > opts.error_budget:
+            return (f"validation: the rewritten graph's output error {e1:.2e} is {growth:.3g}x the original's "
+                    f"{e0:.2e}, over the error budget {opts.error_budget:g}"), errors, tol
+        return None, errors, tol
+
     while True:
         report = GraphReport(index=index, lowering=opts.lowering)
         editor, records, units = plan_and_rewrite(gm, example_inputs, opts, report, exclude)
+        report.validate_seconds = state["seconds"]
         if editor is None:
-            report.validate_seconds = seconds
             return report, None, None, None
         new_gm, new_inputs = editor.finish()
         if not opts.validate:
@@ -158,30 +180,25 @@ def _validated_rewrite(gm, example_inputs, opts: BDOptions, index: int):
             report.validation = "skipped: the example inputs are fake tensors"
             log.info("bdpass: graph %d: validation %s", index, report.validation)
             return report, editor, new_gm, new_inputs
-        weights = {p.index for p in find_params(gm, example_inputs).values()}
-        tol = val.tolerance([r.error_bound for r in records])
         try:
-            (bad, reference), dt = val.timed(val.compare, gm, example_inputs, new_gm, editor.exact_inputs(),
-                                             weights, tol, reference)
+            why, errors, tol = check(editor, new_gm, new_inputs, records)
         except Exception as e:
             if opts.strict or _compat.is_dynamo_restart(e):
                 raise
             why = f"validation could not run ({type(e).__name__}: {str(e)[:200]}); rewrites refused"
             log.warning("bdpass: graph %d: %s", index, why)
-            for u in units:
-                for n in u:
-                    exclude.setdefault(n, why)
+            exclude.update({n: why for u in units for n in u})
             continue
-        seconds += dt
-        if bad is None:
-            report.validation = f"passed ({len(records)} rewrite(s), float64, tolerance {tol:.0e})"
-            report.validate_seconds = seconds
+        report.validate_seconds = state["seconds"]
+        if why is None:
+            report.measured_error = errors
+            report.validation = (f"passed ({len(records)} rewrite(s); float64 tolerance {tol:.0e}; output error "
+                                 f"{errors['rewritten']:.2e} vs {errors['original']:.2e}, "
+                                 f"growth {errors['growth']:.2f}x)")
             return report, editor, new_gm, new_inputs
-        why = f"validation: the rewritten graph differs from the original in float64 ({bad})"
         log.warning("bdpass: graph %d: %s", index, why)
         if opts.strict:
             raise val.RewriteValidationError(f"bdpass: graph {index}: {why}")
-        # find the units that fail on their own; if none does, refuse them all
         distinct = list(dict.fromkeys(units))
         culprits = []
         if len(distinct) > 1:
@@ -189,17 +206,11 @@ def _validated_rewrite(gm, example_inputs, opts: BDOptions, index: int):
                 others = {n: "(probe)" for v in distinct if v != u for n in v}
                 probe = GraphReport(index=index, lowering=opts.lowering)
                 ed, recs, _ = plan_and_rewrite(gm, example_inputs, opts, probe, {**exclude, **others})
-                if ed is None:
-                    continue
-                pg, _ = ed.finish()
-                (bad_u, _), dt = val.timed(val.compare, gm, example_inputs, pg, ed.exact_inputs(), weights,
-                                           val.tolerance([r.error_bound for r in recs]), reference)
-                seconds += dt
-                if bad_u is not None:
-                    culprits.append(u)
-        for u in (culprits or distinct):
-            for n in u:
-                exclude.setdefault(n, why)
+                if ed is not None:
+                    pg, pin = ed.finish()
+                    if check(ed, pg, pin, recs)[0] is not None:
+                        culprits.append(u)
+        exclude.update({n: why for u in (culprits or distinct) for n in u if n not in exclude})
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BDOptions,

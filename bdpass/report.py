@@ -35,6 +35,9 @@ class SkipRecord:
     kind: str
     site: str
     reason: str
+    # names of the graph nodes the verdict is about: the attention contractions (score node
+    # for bd_qk, value node for bd_vo) or a chain's two linear nodes (pifa); empty if unknown
+    nodes: list = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class GraphReport:
     released_bytes: int = 0         # bytes of replaced weights freed (release_weights=True)
     validation: str | None = None   # outcome of the float64 check of the rewritten graph
     validate_seconds: float = 0.0   # time that check took while compiling
+    measured_error: dict | None = None   # output error vs float64: original, rewritten, growth
     nodes_before: list[NodeRecord] = field(default_factory=list)
     nodes_after: list[NodeRecord] = field(default_factory=list)
     # not serialized: set by the backend when a collector asks for graphs

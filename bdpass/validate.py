@@ -101,6 +101,48 @@ def compare(gm: torch.fx.GraphModule, inputs: Sequence[Any], new_gm: torch.fx.Gr
     return None, ref
 
 
+def _rel_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """Relative L2 error of all floating outputs together (finite entries)."""
+    num = den = 0.0
+    for a, b in zip(got, ref):
+        if not (a.is_floating_point() and b.is_floating_point()) or a.shape != b.shape:
+            continue
+        a64, b64 = a.detach().double().flatten(), b.detach().double().flatten()
+        fin = torch.isfinite(a64) & torch.isfinite(b64)
+        num += float(torch.linalg.vector_norm(a64[fin] - b64[fin])) ** 2
+        den += float(torch.linalg.vector_norm(b64[fin])) ** 2
+    return (num ** 0.5) / (den ** 0.5) if den > 0 else 0.0
+
+
+def _run_native(gm: torch.fx.GraphModule, inputs: Sequence[Any], weights: set[int]) -> list:
+    """Outputs of ``gm`` run eagerly in the model's own dtypes (on copies of the inputs it
+    may write to)."""
+    args = [t.detach().clone() if isinstance(t, torch.Tensor) and i not in weights else t
+            for i, t in enumerate(inputs)]
+    with torch.no_grad(), torch.random.fork_rng(devices=_devices(inputs)):
+        torch.manual_seed(0)
+        out = gm.forward(*args)
+    return [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def measured_errors(gm: torch.fx.GraphModule, inputs: Sequence[Any], new_gm: torch.fx.GraphModule,
+                    new_inputs: Sequence[Any], weights: set[int], reference: tuple) -> tuple[float, float]:
+    """Relative L2 error against the float64 run of the original graph (``reference``) of the
+    original and of the rewritten graph, each run in the model's dtype (the rewritten one
+    with its factors rounded as the compiled graph reads them)."""
+    n_orig = len(inputs)
+    e0 = _rel_error(_run_native(gm, inputs, weights), reference[0])
+    e1 = _rel_error(_run_native(new_gm, new_inputs, weights | set(range(n_orig, len(new_inputs)))), reference[0])
+    return e0, e1
+
+
+def error_floor(inputs: Sequence[Any]) -> float:
+    """Two units of roundoff of the narrowest floating dtype among the inputs: below it an
+    original's error is luck, not a scale to compare against."""
+    us = [torch.finfo(t.dtype).eps / 2 for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return 2 * max(us) if us else 2 * torch.finfo(torch.float32).eps / 2
+
+
 def timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
     res = fn(*args, **kwargs)

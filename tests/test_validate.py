@@ -135,3 +135,26 @@ def test_torch_trace_artifacts(tmp_path):
     text = "".join(p.read_text() for p in (tmp_path / "trace").iterdir())
     for name in ("bdpass_graph_before", "bdpass_graph_after", "bdpass_report"):
         assert f'"name": "{name}"' in text, name
+
+
+def test_measured_error_growth_is_reported():
+    torch.manual_seed(0)
+    _, _, _, _, report = side_by_side(Stack("linear", "conv1d", "gelu"), (torch.randn(2, 5, 48),), options=OPTS)
+    m = report.graphs[0].measured_error
+    assert m is not None and 0 < m["original"] < 1e-5 and 0 < m["rewritten"] < 1e-4
+    assert m["growth"] == pytest.approx(m["rewritten"] / max(m["original"], 2 * 2.0 ** -24))
+    assert "growth" in report.graphs[0].validation
+
+
+def test_measured_growth_over_budget_is_refused(monkeypatch):
+    """The output error of the rewritten graph in the model's dtype, measured while
+    compiling, must stay within the error budget of the original's."""
+    from bdpass import validate as val
+
+    monkeypatch.setattr(val, "measured_errors", lambda *a, **k: (1e-7, 1e-3))
+    torch.manual_seed(0)
+    bd_err, ind_err, _, _, report = side_by_side(Stack("linear", "linear", "gelu"), (torch.randn(2, 5, 48),),
+                                                 options=OPTS)
+    assert report.rewrites == []
+    reasons = {s.reason for s in report.skipped}
+    assert any("8.39e+03x the original's" in r and "error budget 100" in r for r in reasons), reasons
