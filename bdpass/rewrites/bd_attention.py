@@ -43,6 +43,7 @@ from ..identities import FactorizationError, bd_factors_with_rows, pivot_columns
 from ..report import RewriteRecord, SkipRecord
 from ..runtime import finalize_tensor
 from .bd_plan import Component, Group
+from .decisions import BdDecision
 
 from inductor_lowerings.bd_linear import contiguous_start
 from .editor import GraphEditor
@@ -441,7 +442,9 @@ def apply_component(editor: GraphEditor, comp: Component, sites: Sequence[Linear
         editor.replace(site.output, y)
         editor.discard([site.output, site.core], first_index)
     editor.current_rewrite = None
-    return _records(comp, sites, sources, fac, details), skips
+    records = _records(comp, sites, sources, fac, details)
+    editor.decisions.append(BdDecision(comp, sites, sources, fac, records, error_budget))
+    return records, skips
 
 
 def _one_per_site(groups: list[Group]) -> list[Group]:

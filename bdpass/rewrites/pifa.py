@@ -26,6 +26,7 @@ from ..graph.ops import canonical, dtype_of
 from ..identities import FactorizationError, pifa_factors
 from ..report import RewriteRecord, SkipRecord
 from ..runtime import finalize_tensor
+from .decisions import PifaDecision
 from .editor import GraphEditor
 from .pifa_plan import KIND, Chain, _reshape_sizes, _static, find_chains, link_chains
 
@@ -219,7 +220,7 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
     editor.current_rewrite = None
     bias_before = (r if first.bias is not None else 0) + (d_out if second.bias is not None else 0)
     has_bias = first.bias is not None or second.bias is not None
-    return RewriteRecord(
+    record = RewriteRecord(
         kind=KIND, site=chain.site,
         params_before=d_in * r + r * d_out + bias_before,
         params_after=d_in * r + r * (d_out - r) + (d_out if has_bias else 0),
@@ -228,3 +229,5 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
                  "weights": [first.weight.name, second.weight.name],
                  "column_order": "restored" if restore_order else "absorbed by the next chain"},
     )
+    editor.decisions.append(PifaDecision(chain, producer, restore_order, f, record, error_budget))
+    return record
