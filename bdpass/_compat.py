@@ -61,14 +61,17 @@ def qualified_name(source_text: str | None) -> str | None:
 
 
 def module_path_of(node: Any) -> str | None:
-    """Qualified path of the innermost module whose forward produced ``node``."""
+    """Path of the innermost module whose forward produced ``node``, relative to the
+    compiled module (``layers.0.self_attn``; ``""`` for the compiled module itself), or
+    None when Dynamo recorded no module stack. The name the forward gives its module
+    argument (``self``, ``s``, ``args[0]`` behind a decorator) is never part of it."""
     stack = getattr(node, "meta", {}).get("nn_module_stack") if node is not None else None
     if not stack:
         return None
     path = list(stack.values())[-1][0]
     path = path if isinstance(path, str) else str(path)
     if path.startswith(("L[", "G[")):
-        return qualified_name(path)
+        return module_relative_parts(path)[1]
     return ".".join(t for t in re.split(r"[.\[\]]+", path) if t)
 
 
@@ -207,3 +210,34 @@ def qualified_target_name(target: Any) -> str:
     except Exception:
         mod = getattr(target, "__module__", None) or "?"
         return f"{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"
+
+
+# ----------------------------------------------------------------------------- module-relative names
+_ROOT = re.compile(r"^[LG]\[(?:'[^']*'|\"[^\"]*\")\](?:\[(?:'[^']*'|\"[^\"]*\"|-?\d+)\])*")
+
+
+def module_relative_parts(source_text: str) -> tuple[str | None, str]:
+    """Split a Dynamo source into its root (the local or global that holds the module,
+    with any subscripts into it: ``L['self']``, ``L['s']``, ``L['args'][0]``) and the
+    dotted path below it (``layers.0.q_proj.weight``, container names dropped)."""
+    m = _ROOT.match(source_text)
+    root, rest = (m.group(0), source_text[m.end():]) if m else (None, source_text)
+    parts = []
+    for a, b, c, d in _TOKEN.findall(rest):
+        tok = a or b or c or d
+        if tok not in _CONTAINERS:
+            parts.append(tok)
+    return root, ".".join(parts)
+
+
+def module_relative_name(source_text: str | None) -> str | None:
+    """Name of a weight relative to the compiled module:
+    ``L['s']._modules['q']._parameters['weight']`` -> ``q.weight``,
+    ``L['args'][0]._modules['model']...`` -> ``model....``. A source with nothing below
+    its root (a tensor passed as an argument) keeps the root's name (``w``, ``args.1``)."""
+    if not source_text:
+        return None
+    root, path = module_relative_parts(source_text)
+    if path:
+        return path
+    return qualified_name(root) if root else None

@@ -128,3 +128,116 @@ class LatentAttention(nn.Module):
         k[..., self.nope:].copy_(k_pe.expand(B, self.h, T, self.rd))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.h * self.vd))
+
+
+class Spelled(nn.Module):
+    """Multi-head attention whose projections, channel moves and contractions are written in
+    the less common spellings real models use (raw weights, no ``nn.Linear``).
+
+    proj: how q/k/v are projected from ``x`` with ``(h*e, d)`` weights
+        "linear" F.linear | "T" x @ W.T | "mT" x @ W.mT | "t" x @ W.t() | "transpose" |
+        "permute" | "einsum2" einsum("btd,ed->bte") | "einsum3" einsum("btd,dhe->bhte") with
+        the weight viewed (d, h, e) | "detach_w" F.linear(x, W.detach())
+    between: what happens to q/k/v (b, h, t, e) before the contractions
+        "" | "detach" | "alias" | "float" | "to" | "movedim" | "broadcast_to" | "expand_as" |
+        "unflatten" (heads split by unflatten instead of view) | "narrow" (k rebuilt from two
+        narrowed halves) | "index" (k and q channels permuted by a constant list index) |
+        "index_select" (the same by index_select with a constant tensor) | "unbind" (one fused
+        qkv tensor stacked and unbound) | "bigT" (k through ``.T`` of rank 4 and back)
+    score: "matmul" | "einsum" (einsum scores and values) | "sdpa" | "baddbmm"
+    out: "linear" | "T" (y @ Wo.T) | "einsum" einsum("bte,de->btd")
+    """
+
+    def __init__(self, d=64, heads=4, head_dim=16, proj="linear", between="", score="matmul", out="linear"):
+        super().__init__()
+        self.h, self.e = heads, head_dim
+        self.proj, self.between, self.score, self.out = proj, between, score, out
+        s = d ** -0.5
+        self.wq = nn.Parameter(torch.randn(heads * head_dim, d) * s)
+        self.wk = nn.Parameter(torch.randn(heads * head_dim, d) * s)
+        self.wv = nn.Parameter(torch.randn(heads * head_dim, d) * s)
+        self.wo = nn.Parameter(torch.randn(d, heads * head_dim) * (heads * head_dim) ** -0.5)
+        if between == "unbind":
+            self.wqkv = nn.Parameter(torch.cat([self.wq.detach(), self.wk.detach(), self.wv.detach()]))
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("perm", torch.randperm(head_dim, generator=g), persistent=False)
+        self.perm_list = self.perm.tolist()
+
+    def project(self, x, w):
+        B, T, _ = x.shape
+        p = self.proj
+        if p == "einsum3":
+            return torch.einsum("btd,dhe->bhte", x, w.T.reshape(-1, self.h, self.e))
+        if p == "linear":
+            y = F.linear(x, w)
+        elif p == "T":
+            y = x @ w.T
+        elif p == "mT":
+            y = x @ w.mT
+        elif p == "t":
+            y = torch.matmul(x, w.t())
+        elif p == "transpose":
+            y = x @ w.transpose(0, 1)
+        elif p == "permute":
+            y = x @ w.permute(1, 0)
+        elif p == "einsum2":
+            y = torch.einsum("btd,ed->bte", x, w)
+        elif p == "detach_w":
+            y = F.linear(x, w.detach())
+        else:
+            raise ValueError(p)
+        if self.between == "unflatten":
+            return y.unflatten(-1, (self.h, self.e)).transpose(1, 2)
+        return y.view(B, T, self.h, self.e).transpose(1, 2)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        bt = self.between
+        if bt == "unbind":      # timm's fused qkv: (B, T, 3, h, e) -> (3, B, h, T, e) -> unbind
+            qkv = F.linear(x, self.wqkv).reshape(B, T, 3, self.h, self.e).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            q, k, v = (self.project(x, w) for w in (self.wq, self.wk, self.wv))
+        if bt == "detach":
+            q, k, v = q.detach(), k.detach(), v.detach()
+        elif bt == "alias":
+            k, v = torch.ops.aten.alias(k), torch.ops.aten.alias(v)
+        elif bt == "float":
+            k, v = k.float(), v.float()
+        elif bt == "to":
+            q, k, v = q.to(torch.float32), k.to(dtype=torch.float32), v.to(x.dtype)
+        elif bt == "movedim":
+            k = k.movedim(1, 2).movedim(2, 1)
+            v = torch.movedim(v, (1, 2), (2, 1)).transpose(1, 2)
+        elif bt == "broadcast_to":
+            k, v = k.broadcast_to(B, self.h, T, self.e), torch.broadcast_to(v, (B, self.h, T, self.e))
+        elif bt == "expand_as":
+            k = k[:, :, None].expand_as(torch.empty(B, self.h, 1, T, self.e))[:, :, 0]
+            v = v.expand_as(q)
+        elif bt == "narrow":
+            half = self.e // 2
+            k = torch.cat([k.narrow(-1, 0, half), torch.narrow(k, 3, half, self.e - half)], dim=-1)
+        elif bt == "index":
+            q, k = q[..., self.perm_list], k[..., self.perm_list]
+        elif bt == "index_select":
+            q = q.index_select(-1, self.perm)
+            k = torch.index_select(k, 3, self.perm)
+        elif bt == "bigT":
+            k = k.T.permute(3, 2, 1, 0)
+        if self.score == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v)
+        elif self.score == "einsum":
+            a = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) * self.e ** -0.5, dim=-1)
+            o = torch.einsum("bhqk,bhkd->bhqd", a, v)
+        elif self.score == "baddbmm":
+            q3, k3, v3 = (t.reshape(B * self.h, T, self.e) for t in (q, k, v))
+            s = torch.baddbmm(torch.zeros(B * self.h, T, T), q3, k3.transpose(1, 2), beta=0.0, alpha=self.e ** -0.5)
+            o = torch.bmm(torch.softmax(s, dim=-1), v3).view(B, self.h, T, self.e)
+        else:
+            o = torch.softmax(q @ k.transpose(-1, -2) * self.e ** -0.5, dim=-1) @ v
+        o = o.transpose(1, 2).reshape(B, T, self.h * self.e)
+        if self.out == "T":
+            return o @ self.wo.T
+        if self.out == "einsum":
+            return torch.einsum("bte,de->btd", o, self.wo)
+        return F.linear(o, self.wo)

@@ -9,16 +9,22 @@ dimensions (static). Entry codes::
     -1     untracked (not from any linear: a cache, an embedding, a constant)
     <= -2  touched: derived from tracked channels by an op that does not commute with a
            change of basis (RoPE, a norm, a nonlinearity); -2 - k indexes ``reasons``
+           (and ``reason_sources``: the linears the touched channels came from)
 
-Layouts propagate through ops that only move channels (views, permutes, splits, slices,
-cat, expand/repeat for GQA, slice-assignment, casts, scalar or per-row scaling). At
-contractions over channels (``q @ k^T``, SDPA) the analysis records which columns of
-which linears meet per head (:class:`QKEvent`); through ``probs @ v`` / SDPA the value
-layout continues (flagged as having passed attention) until a linear consumes it
-(:class:`OEvent`: which input rows of the output projection hold which value columns).
-Any other use of tracked columns — a graph output (KV cache), an unmodelled op, a
-concatenation along positions — is an *escape*, recorded per column with its reason:
-rewriting an escaped column would change what the graph computes.
+Layouts propagate through ops that only move channels (views, ``unflatten``, permutes,
+``.T``/``.mT``, ``movedim``, splits, ``unbind``, slices, ``narrow``, ``select``, indexing by
+constant lists or tensors, ``index_select``, cat, expand/``broadcast_to``/repeat for GQA,
+slice-assignment, ``detach``/``alias``, casts, scalar or per-row scaling). At contractions
+over channels (``q @ k^T``, an einsum, ``baddbmm``, SDPA) the analysis records which
+columns of which linears meet per head (:class:`QKEvent`); through ``probs @ v`` / SDPA
+the value layout continues (flagged as having passed attention) until a linear consumes
+it (:class:`OEvent`: which input rows of the output projection hold which value
+columns). Touched channels reaching a contraction are recorded too, so that every head
+gets a verdict, and every attention that :mod:`.contractions` finds without an event is
+listed in ``unmatched`` with the reason. Any other use of tracked columns — a graph
+output (KV cache), an unmodelled op, a concatenation along positions — is an *escape*,
+recorded per column with its reason: rewriting an escaped column would change what the
+graph computes.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import torch
 import torch.fx
 
 from .._compat import example_value, size_hint
-from .linears import LinearSite
+from .linears import LinearSite, einsum_labels, einsum_operands
 from .ops import arg, canonical, shape_of
 
 SHIFT = 32
@@ -81,16 +87,37 @@ class OEvent:
 
 
 @dataclass
+class Unmatched:
+    """An attention contraction (found by :mod:`.contractions`) without a QK/AV event:
+    why the analysis could not pair its channels."""
+    kind: str                # "bd_qk" (score contraction) | "bd_vo" (value contraction)
+    node: torch.fx.Node
+    reason: str
+    sources: frozenset       # linears whose channels reach the contraction
+
+
+@dataclass
 class LayoutResult:
     sources: list[LinearSite]
     qk: list[QKEvent] = field(default_factory=list)
     av: list[AVEvent] = field(default_factory=list)
     o: list[OEvent] = field(default_factory=list)
+    attention: list = field(default_factory=list)          # contractions.Attention of the graph
+    unmatched: list[Unmatched] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    reason_sources: list[frozenset] = field(default_factory=list)      # linears each touched code came from
     escapes: dict[int, dict[int, str]] = field(default_factory=dict)   # source -> column -> reason
 
     def reason_of(self, code: int) -> str:
         return self.reasons[-2 - code] if code <= -2 else ("untracked" if code == -1 else "tracked")
+
+    def sources_of(self, codes: np.ndarray) -> set[int]:
+        """Linears that the entries (tracked or touched) of a layout array come from."""
+        codes = np.asarray(codes)
+        out = {int(c) >> SHIFT for c in np.unique(codes[codes >= 0])}
+        for c in np.unique(codes[codes <= -2]):
+            out |= set(self.reason_sources[-2 - int(c)])
+        return out
 
     def escape_reason(self, src: int, cols: Sequence[int]) -> str | None:
         esc = self.escapes.get(src)
@@ -119,8 +146,10 @@ def _name(node: torch.fx.Node) -> str:
 
 
 class _Analysis:
-    def __init__(self, gm: torch.fx.GraphModule, linears: Sequence[LinearSite]):
+    def __init__(self, gm: torch.fx.GraphModule, linears: Sequence[LinearSite], example_inputs=None):
         self.gm = gm
+        self.inputs = list(example_inputs) if example_inputs is not None else None
+        self.placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         self.sites = list(linears)
         self.res = LayoutResult(sources=self.sites)
         self.L: dict[torch.fx.Node, Any] = {}          # node -> Layout | list[Layout|None] | None
@@ -128,15 +157,33 @@ class _Analysis:
         self.out_of = {s.output: i for i, s in enumerate(self.sites) if s.bias_node is not None}
         self._reason_ids: dict[str, int] = {}
         self.view_base: dict[torch.fx.Node, tuple[torch.fx.Node, Any]] = {}  # view node -> (base, index)
+        self.opaque_reasons: dict[torch.fx.Node, str] = {}
+        from .contractions import find_attention
+
+        self.res.attention = find_attention(gm)
+        self.score_nodes = {a.score for a in self.res.attention}
 
     # ------------------------------------------------------------------ helpers
-    def reason_code(self, text: str) -> int:
-        k = self._reason_ids.get(text)
+    def reason_code(self, text: str, sources: frozenset = frozenset()) -> int:
+        key = (text, frozenset(sources))
+        k = self._reason_ids.get(key)
         if k is None:
             k = len(self.res.reasons)
             self.res.reasons.append(text)
-            self._reason_ids[text] = k
+            self.res.reason_sources.append(frozenset(sources))
+            self._reason_ids[key] = k
         return -2 - k
+
+    def touched(self, arr: np.ndarray, reason: str) -> np.ndarray:
+        """``arr`` with each tracked entry replaced by the touched code of ``reason`` for its
+        source linear."""
+        out = np.array(arr, dtype=np.int64, copy=True)
+        tracked = out >= 0
+        if tracked.any():
+            src = out >> SHIFT
+            for s in np.unique(src[tracked]):
+                out[tracked & (src == s)] = self.reason_code(reason, frozenset({int(s)}))
+        return out
 
     def escape(self, lay: Any, reason: str) -> None:
         for l in (lay if isinstance(lay, list) else [lay]):
@@ -149,8 +196,7 @@ class _Analysis:
     def touch(self, lay: Layout, reason: str, shape=None) -> Layout:
         """Tracked entries become touched (and their columns escape)."""
         self.escape(lay, reason)
-        code = self.reason_code(reason)
-        idx = np.where(lay.idx >= 0, code, lay.idx)
+        idx = self.touched(lay.idx, reason)
         if shape is not None:
             idx = _broadcast_to_rank(idx, len(shape))
         return Layout(idx)
@@ -172,9 +218,12 @@ class _Analysis:
         shp = shape_of(node)
         if shp is None:
             return None
-        d = self.sites[site_index].d_out
+        site = self.sites[site_index]
+        d = site.d_out
         idx = (np.int64(site_index) << SHIFT) + np.arange(d, dtype=np.int64)
-        return Layout(idx.reshape((1,) * (len(shp) - 1) + (d,)))
+        extra = sum(len(a[1]) - 1 for name, a in site.epilogue if name == "unflatten")
+        base = idx.reshape((1,) * (len(shp) - 1 - extra) + (d,))
+        return Layout(_np_ops(base, site.epilogue))
 
     def why_touch(self, node: torch.fx.Node) -> str:
         """A readable reason for an op that changes tracked channels: RoPE if the other
@@ -206,7 +255,39 @@ class _Analysis:
                 self.visit(node)
             except _Unsupported as e:
                 self.opaque(node, str(e))
+        self.account_for_attention()
         return self.res
+
+    def account_for_attention(self) -> None:
+        """Every attention of the graph gets its QK and AV events, or an Unmatched entry
+        that says why its channels could not be paired."""
+        have_qk = {ev.node for ev in self.res.qk}
+        have_av = {ev.node for ev in self.res.av}
+        for att in self.res.attention:
+            if att.score not in have_qk:
+                ops = _contraction_operands(att.score)[:2]
+                self.res.unmatched.append(self._unmatched("bd_qk", att.score, ops, "queries and keys"))
+            if att.value not in have_av:
+                ops = _contraction_operands(att.value)
+                ops = ops[2:3] if canonical(att.value) == "sdpa" else ops[1:2] if canonical(att.value) == "matmul" else ops
+                self.res.unmatched.append(self._unmatched("bd_vo", att.value, ops, "values"))
+
+    def _unmatched(self, kind: str, node: torch.fx.Node, operands: list, what: str) -> Unmatched:
+        lays = [self.lay(o) for o in operands]
+        srcs: set[int] = set()
+        for l in lays:
+            if l is not None:
+                srcs |= self.res.sources_of(l.idx)
+        reason = self.opaque_reasons.get(node)
+        if reason is None:
+            touched = [c for l in lays if l is not None for c in np.unique(l.idx[l.idx <= -2])]
+            if touched:
+                reason = self.res.reason_of(int(touched[0]))
+            elif any(l is not None and l.tracked for l in lays):
+                reason = f"the {what} are not laid out as heads of channels at this contraction"
+            else:
+                reason = f"the {what} are not produced by linear projections of this graph"
+        return Unmatched(kind, node, reason, frozenset(srcs))
 
     def opaque(self, node: torch.fx.Node, reason: str | None = None) -> None:
         """Unmodelled use: tracked inputs escape; output is tainted if any input was marked."""
@@ -217,11 +298,14 @@ class _Analysis:
             self.L[node] = None
             return
         r = reason or self.why_touch(node)
+        self.opaque_reasons.setdefault(node, r)
+        srcs: set[int] = set()
         for l in marked:
             self.escape(l, r)
+            srcs |= self.res.sources_of(l.idx)
         shp = shape_of(node)
         if shp is not None:
-            self.L[node] = Layout(np.full((1,) * len(shp), self.reason_code(r), dtype=np.int64))
+            self.L[node] = Layout(np.full((1,) * len(shp), self.reason_code(r, frozenset(srcs)), dtype=np.int64))
         else:
             self.L[node] = None
 
@@ -273,6 +357,9 @@ class _Analysis:
             return
         shp = shape_of(site.input)
         idx = l.idx
+        if site.prologue:
+            idx = _np_ops(_broadcast_to_rank(idx, len(shp)), site.prologue, _hints(shp))
+        idx = _collapse(idx, range(idx.ndim - 1))
         if idx.ndim == 0 or any(s != 1 for s in idx.shape[:-1]):
             self.escape(l, f"channels vary across non-channel dims at the input of {site.weight.name}")
             return
@@ -345,6 +432,115 @@ class _Analysis:
         idx = _broadcast_to_rank(l.idx, nd)
         self.L[node] = Layout(np.swapaxes(idx, -1, -2) if nd >= 2 else idx, l.attn)
 
+    def op_T(self, node):
+        """``x.T`` on rank > 2: every dim reversed."""
+        src = node.args[0]
+        l = self.src_layout(node)
+        if l is None:
+            return
+        nd = len(shape_of(src))
+        self.L[node] = Layout(np.transpose(_broadcast_to_rank(l.idx, nd)), l.attn)
+
+    def op_mT(self, node):
+        src = node.args[0]
+        l = self.src_layout(node)
+        if l is None:
+            return
+        nd = len(shape_of(src))
+        self.L[node] = Layout(np.swapaxes(_broadcast_to_rank(l.idx, nd), -1, -2), l.attn)
+
+    def op_movedim(self, node):
+        from .linears import view_permutation
+
+        src = node.args[0]
+        l = self.src_layout(node)
+        if l is None:
+            return
+        nd = len(shape_of(src))
+        perm = view_permutation(node, nd)
+        if perm is None:
+            raise _Unsupported("movedim with symbolic dims")
+        self.L[node] = Layout(np.transpose(_broadcast_to_rank(l.idx, nd), perm), l.attn)
+
+    def op_repeat(self, node):
+        src = node.args[0]
+        l = self.src_layout(node)
+        if l is None:
+            return
+        reps = list(node.args[1:]) if len(node.args) > 2 else arg(node, 1, "repeats")
+        if isinstance(reps, int):
+            reps = [reps]
+        if reps and len(reps) == 1 and isinstance(reps[0], (list, tuple)):
+            reps = list(reps[0])
+        nd_out = len(shape_of(node))
+        idx = _broadcast_to_rank(l.idx, nd_out)
+        reps = [1] * (nd_out - len(reps)) + list(reps)
+        tile = []
+        for k, r in enumerate(reps):
+            if idx.shape[k] == 1:
+                tile.append(1)
+            elif isinstance(r, int):
+                tile.append(r)
+            else:
+                raise _Unsupported("repeat of a channel dimension by a symbolic count")
+        self.L[node] = Layout(np.tile(idx, tile), l.attn)
+
+    def op_select(self, node):
+        src = node.args[0]
+        l = self.src_layout(node)
+        if l is None:
+            return
+        dim, index = arg(node, 1, "dim"), arg(node, 2, "index")
+        nd = len(shape_of(src))
+        idx = _broadcast_to_rank(l.idx, nd)
+        d = dim % nd
+        if idx.shape[d] == 1:
+            self.L[node] = Layout(np.take(idx, 0, axis=d), l.attn)
+        elif isinstance(index, int):
+            self.L[node] = Layout(np.take(idx, index, axis=d), l.attn)
+        else:
+            raise _Unsupported("select of a channel dimension at a symbolic index")
+
+    def op_unbind(self, node):
+        src = node.args[0]
+        l = self.src_layout(node)
+        if l is None:
+            return
+        dim = arg(node, 1, "dim", 0)
+        shp = shape_of(src)
+        nd = len(shp)
+        d = dim % nd
+        n = size_hint(shp[d])
+        if n is None:
+            raise _Unsupported("unbind of a symbolic dimension")
+        idx = _broadcast_to_rank(l.idx, nd)
+        self.L[node] = [Layout(np.take(idx, 0 if idx.shape[d] == 1 else i, axis=d), l.attn) for i in range(n)]
+
+    def op_index_select(self, node):
+        src = node.args[0]
+        l = self.src_layout(node)
+        if l is None:
+            return
+        dim, index = arg(node, 1, "dim"), arg(node, 2, "index")
+        nd = len(shape_of(src))
+        idx = _broadcast_to_rank(l.idx, nd)
+        d = dim % nd
+        if idx.shape[d] == 1:
+            self.L[node] = Layout(idx, l.attn)
+            return
+        const = self.const_index(index)
+        if const is None or const.ndim != 1:
+            raise _Unsupported("channels selected by an index whose values are not known at compile time")
+        self.L[node] = Layout(np.take(idx, const, axis=d), l.attn)
+
+    def const_index(self, x: Any) -> np.ndarray | None:
+        """Integer values of a constant index (a list, a tensor constant of the graph, or
+        ``torch.tensor``/``torch.arange`` of literals), or None."""
+        if self.inputs is not None and isinstance(x, torch.fx.Node) and x in self.placeholders:
+            i = self.placeholders[x]
+            return _const_index(self.gm, self.inputs[i]) if i < len(self.inputs) else None
+        return _const_index(self.gm, x)
+
     def op_transpose(self, node):
         src = node.args[0]
         l = self.src_layout(node)
@@ -368,6 +564,7 @@ class _Analysis:
         self.L[node] = Layout(np.transpose(idx, [d % nd for d in dims]), l.attn)
 
     def op_expand(self, node):
+        """expand / expand_as / broadcast_to: broadcast dims carry no channel variation."""
         src = node.args[0]
         l = self.src_layout(node)
         if l is None:
@@ -375,6 +572,8 @@ class _Analysis:
         nd_out = len(shape_of(node))
         idx = _broadcast_to_rank(l.idx, nd_out)
         self.L[node] = Layout(idx, l.attn)
+
+    op_broadcast_to = op_expand_as = op_expand
 
     def op_repeat_interleave(self, node):
         src = node.args[0]
@@ -404,7 +603,7 @@ class _Analysis:
             self.L[node] = None
             return
         shp = shape_of(src)
-        self.L[node] = Layout(_apply_index(l.idx, index, shp), l.attn)
+        self.L[node] = Layout(_apply_index(l.idx, index, shp, self.const_index), l.attn)
 
     def op_narrow(self, node):
         src = node.args[0]
@@ -634,12 +833,11 @@ class _Analysis:
             out_shape = np.broadcast_shapes(*[a.shape for a in arrs])
         except ValueError:
             return self.opaque(node, reason)
-        code = self.reason_code(reason)
         res = np.full(out_shape, UNTRACKED, dtype=np.int64)
         for l, a in zip(ins, arrs):
             self.escape(l, reason)
-            a = np.broadcast_to(a, out_shape)
-            res = np.where(a >= 0, code, np.where((a <= -2) & (res == UNTRACKED), a, res))
+            a = self.touched(np.broadcast_to(a, out_shape), reason)
+            res = np.where((a <= -2) & (res == UNTRACKED), a, res)
         self.L[node] = Layout(res)
 
     # ------------------------------------------------------------------ contractions
@@ -655,38 +853,131 @@ class _Analysis:
         nd = max(len(sa), len(sb))
         ia = _broadcast_to_rank(la.idx, len(sa)) if la is not None else None
         ib = _broadcast_to_rank(lb.idx, len(sb)) if lb is not None else None
+        out = self._contract(node, ia, ib, nd)
+        if out is not None:
+            self.L[node] = Layout(out, True)
+
+    def _contract(self, node, ia, ib, nd) -> np.ndarray | None:
+        """``a @ b`` on layout arrays (None: untracked operand). Records QK/AV events and
+        escapes; returns the result's layout array when values pass through attention,
+        else sets the node's layout (None or opaque) and returns None."""
         a_chan = ia is not None and ia.shape[-1] != 1 and (ia != UNTRACKED).any()
         b_chan_k = ib is not None and ib.shape[-2] != 1 and (ib != UNTRACKED).any()
         b_chan_n = ib is not None and ib.shape[-1] != 1
         if a_chan and b_chan_k:
             self._qk(node, ia, np.swapaxes(ib, -1, -2), nd)
             self.L[node] = None
-            return
+            return None
+        if node in self.score_nodes and ((a_chan and ib is None) or (b_chan_k and ia is None)):
+            # attention scores whose queries (or keys) come from no linear of this graph (a
+            # cache, or a projection rewritten by another pass): the tracked side escapes
+            # and the scores carry no channels, so the value path stays analysable
+            none = np.full((1,) * nd, UNTRACKED, dtype=np.int64)
+            self._qk(node, ia if ia is not None else none, np.swapaxes(ib if ib is not None else none, -1, -2), nd)
+            self.L[node] = None
+            return None
         a_tracked = ia is not None and (ia >= 0).any()
         b_tracked = ib is not None and (ib >= 0).any()
+        a_marked = ia is not None and (ia != UNTRACKED).any()
+        b_marked = ib is not None and (ib != UNTRACKED).any()
+        if not a_marked and b_marked and ib.shape[-2] == 1 and b_chan_n:
+            # probs @ v: positions contracted, channels of v (tracked or touched) carried
+            # through, so that every value head gets a verdict
+            self._av(node, ib)
+            return _broadcast_to_rank(ib, nd)
         if not a_tracked and not b_tracked:
             # Only touched channels meet here; they are never rewritten (they escaped where
             # they were touched), so the result does not depend on any rewrite. Keep the
             # event so that the report can say why this pair was not rewritten.
-            if ia is not None and ib is not None and (ia != UNTRACKED).any() and (ib != UNTRACKED).any():
+            if a_marked and b_marked:
                 try:
                     self._qk(node, ia, np.swapaxes(ib, -1, -2), nd)
                 except _Unsupported:
                     pass
             self.L[node] = None
-            return
-        if not a_tracked and ib is not None and ib.shape[-2] == 1 and b_chan_n:
-            # probs @ v: positions contracted, channels of v carried through
-            self._av(node, ib)
-            out = _broadcast_to_rank(ib, nd)
-            self.L[node] = Layout(out, True)
-            return
+            return None
         self.opaque(node, "contracted with values that are not attention weights")
+        return None
+
+    def op_baddbmm(self, node):
+        """``beta * input + alpha * (batch1 @ batch2)`` (scores with an additive bias)."""
+        inp, a, b = arg(node, 0, "input"), arg(node, 1, "batch1"), arg(node, 2, "batch2")
+        li, la, lb = self.lay(inp), self.lay(a), self.lay(b)
+        if li is not None and li.marked:
+            return self.opaque(node)
+        if la is None and lb is None:
+            self.L[node] = None
+            return
+        ia = _broadcast_to_rank(la.idx, 3) if la is not None else None
+        ib = _broadcast_to_rank(lb.idx, 3) if lb is not None else None
+        out = self._contract(node, ia, ib, 3)
+        if out is not None:
+            self.opaque(node, "attention output with an additive term")
+
+    def op_einsum(self, node):
+        parsed = einsum_operands(node)
+        if parsed is None:
+            return self.opaque(node)
+        eq, operands = parsed
+        lays = [self.lay(o) for o in operands]
+        if all(l is None for l in lays):
+            self.L[node] = None
+            return
+        shapes = [shape_of(o) for o in operands]
+        if any(s is None for s in shapes):
+            return self.opaque(node)
+        lab = einsum_labels(eq, [len(s) for s in shapes])
+        if lab is None:
+            return self.opaque(node, "einsum equation not understood")
+        labels, out = lab
+        if any(len(set(l)) != len(l) for l in labels + [out]):
+            return self.opaque(node, "einsum with a repeated index (a diagonal)")
+        arrs = [_broadcast_to_rank(l.idx, len(s)) if l is not None else np.full((1,) * len(s), UNTRACKED, dtype=np.int64)
+                for l, s in zip(lays, shapes)]
+        if len(operands) == 1:
+            if sorted(out) != sorted(labels[0]):
+                return self.opaque(node, "einsum reduction over channels")
+            self.L[node] = Layout(np.transpose(arrs[0], [labels[0].index(c) for c in out]), lays[0].attn)
+            return
+        if len(operands) != 2:
+            return self.opaque(node, "einsum of more than two operands")
+        al, bl = labels
+        if any(c not in out and c not in bl for c in al) or any(c not in out and c not in al for c in bl):
+            return self.opaque(node, "einsum summing a dimension of one operand")
+        C = [c for c in al if c in bl and c not in out]
+        batch = [c for c in out if c in al and c in bl]
+        af = [c for c in out if c in al and c not in bl]
+        bf = [c for c in out if c in bl and c not in al]
+        ha = [size_hint(z) for z in shapes[0]]
+        hb = [size_hint(z) for z in shapes[1]]
+        qa = _group(arrs[0], al, ha, batch, [af, C])                   # (batch..., M, E)
+        qb = np.swapaxes(_group(arrs[1], bl, hb, batch, [bf, C]), -1, -2)   # (batch..., E, N)
+        nd = len(batch) + 2
+        res = self._contract(node, qa if lays[0] is not None else None, qb if lays[1] is not None else None, nd)
+        if res is None:
+            return
+        # (batch..., M, N) -> (batch..., af..., bf...) -> output order
+        res = _broadcast_to_rank(res, nd)
+        sizes = {c: h for c, h in zip(al, ha)}
+        sizes.update({c: h for c, h in zip(bl, hb)})
+        parts = []
+        for grp, k in ((af, -2), (bf, -1)):
+            n = res.shape[k]
+            if n == 1:
+                parts.append([1] * len(grp))
+            else:
+                gs = [sizes[c] for c in grp]
+                if any(g is None for g in gs):
+                    raise _Unsupported("einsum output merges a symbolic dimension with channels")
+                parts.append(gs)
+        res = res.reshape(res.shape[:-2] + tuple(parts[0]) + tuple(parts[1]))
+        cur = batch + af + bf
+        self.L[node] = Layout(np.transpose(res, [cur.index(c) for c in out]), True)
 
     def _pairs(self, q: np.ndarray, k: np.ndarray, nd: int) -> tuple[np.ndarray, np.ndarray]:
         """Broadcast batch dims and flatten to (pairs, E)."""
-        q = _broadcast_to_rank(q, nd)
-        k = _broadcast_to_rank(k, nd)
+        q = _collapse(_broadcast_to_rank(q, nd), [nd - 2])
+        k = _collapse(_broadcast_to_rank(k, nd), [nd - 2])
         q2 = q.reshape(q.shape[:-2] + (q.shape[-1],)) if q.shape[-2] == 1 else None
         k2 = k.reshape(k.shape[:-2] + (k.shape[-1],)) if k.shape[-2] == 1 else None
         if q2 is None or k2 is None:
@@ -701,17 +992,18 @@ class _Analysis:
 
     def _qk(self, node, q, k, nd):
         qb, kb = self._pairs(q, k, nd)
-        if (qb != UNTRACKED).any() and (kb != UNTRACKED).any():
-            self.res.qk.append(QKEvent(node, qb.copy(), kb.copy()))
-        else:
+        if not ((qb != UNTRACKED).any() and (kb != UNTRACKED).any()):
             for arr in (qb, kb):
                 self.escape(Layout(arr), "contracted with an untracked tensor (e.g. a cached key)")
+        if (qb != UNTRACKED).any() or (kb != UNTRACKED).any():
+            self.res.qk.append(QKEvent(node, qb.copy(), kb.copy()))
 
     def _av(self, node, v):
+        v = _collapse(v, [v.ndim - 2])
         if v.shape[-2] != 1:
             raise _Unsupported("value layout varies along positions")
         rows = v.reshape(v.shape[:-2] + (v.shape[-1],)).reshape(-1, v.shape[-1])
-        if (rows >= 0).any():
+        if (rows != UNTRACKED).any():
             self.res.av.append(AVEvent(node, rows.copy()))
 
     def op_sdpa(self, node):
@@ -746,6 +1038,18 @@ class _Unsupported(Exception):
     pass
 
 
+def _contraction_operands(node: torch.fx.Node) -> list:
+    name = canonical(node)
+    if name == "einsum":
+        parsed = einsum_operands(node)
+        return list(parsed[1]) if parsed else []
+    if name == "sdpa":
+        return [arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")]
+    if name == "baddbmm":
+        return [arg(node, 1, "batch1"), arg(node, 2, "batch2")]
+    return [arg(node, 0, "input"), arg(node, 1, "other")]
+
+
 # ---------------------------------------------------------------------------- utilities
 def _is_static(s) -> bool:
     return isinstance(s, int)
@@ -760,6 +1064,40 @@ def _broadcast_to_rank(idx: np.ndarray, nd: int) -> np.ndarray:
     if all(s == 1 for s in idx.shape[:extra]):
         return idx.reshape(idx.shape[extra:])
     raise _Unsupported("rank mismatch")
+
+
+def _collapse(idx: np.ndarray, axes) -> np.ndarray:
+    """Reduce to size 1 each of ``axes`` along which the layout does not vary (a dim that
+    was materialized when merged with a channel dim, e.g. batch * heads)."""
+    for k in axes:
+        if idx.shape[k] > 1:
+            first = np.take(idx, [0], axis=k)
+            if (idx == first).all():
+                idx = first
+    return idx
+
+
+def _group(arr: np.ndarray, labels: str, hints: list, keep: list, groups: list) -> np.ndarray:
+    """Transpose a layout array (dims named by ``labels``) to ``keep + groups...`` order and
+    merge each group into one dim (size 1 if no channels vary along it)."""
+    order = list(keep) + [c for g in groups for c in g]
+    arr = np.transpose(arr, [labels.index(c) for c in order])
+    shape = list(arr.shape[:len(keep)])
+    full = list(arr.shape[:len(keep)])
+    k = len(keep)
+    for g in groups:
+        dims = arr.shape[k:k + len(g)]
+        if all(d == 1 for d in dims):
+            shape.append(1)
+            full.extend([1] * len(g))
+        else:
+            gs = [hints[labels.index(c)] for c in g]
+            if any(z is None for z in gs):
+                raise _Unsupported("contraction merges a symbolic dimension with channels")
+            shape.append(int(np.prod(gs)) if gs else 1)
+            full.extend(gs)
+        k += len(g)
+    return np.ascontiguousarray(np.broadcast_to(arr, full)).reshape(shape)
 
 
 def _view_groups(ih: list[int], oh: list[int]):
@@ -828,13 +1166,15 @@ def _index_result_shape(index, hints):
     return shape
 
 
-def _apply_index(idx: np.ndarray, index, shape) -> np.ndarray:
-    """Apply a basic index (ints, slices, None, Ellipsis) to a layout array."""
+def _apply_index(idx: np.ndarray, index, shape, const_index=None) -> np.ndarray:
+    """Apply an index (ints, slices, None, Ellipsis and at most one advanced index: a
+    constant list or tensor, or any tensor on a dimension without channels) to a layout."""
     nd = len(shape)
     idx = _broadcast_to_rank(idx, nd)
     if not isinstance(index, tuple):
         index = (index,)
-    n_real = sum(1 for x in index if x is not None and x is not Ellipsis)
+    n_real = sum(1 for x in index if x is not None and x is not Ellipsis and not _is_bool_index(x))
+    n_real += sum(_bool_rank(x) for x in index if _is_bool_index(x))
     items = []
     for x in index:
         if x is Ellipsis:
@@ -843,17 +1183,26 @@ def _apply_index(idx: np.ndarray, index, shape) -> np.ndarray:
             items.append(x)
     out = []
     dim = 0
+    advanced = 0
     for x in items:
         if x is None:
             out.append(None)
             continue
-        if isinstance(x, torch.fx.Node) or (isinstance(x, slice) and any(
-                isinstance(v, torch.fx.Node) for v in (x.start, x.stop, x.step))):
+        if isinstance(x, torch.fx.Node) and not isinstance(example_value(x), torch.Tensor):
+            # a SymInt position
+            if idx.shape[dim] != 1:
+                raise _Unsupported("symbolic index on a channel dimension")
+            out.append(0)
+            dim += 1
+            continue
+        if isinstance(x, slice) and any(isinstance(v, torch.fx.Node) for v in (x.start, x.stop, x.step)):
             if idx.shape[dim] != 1:
                 raise _Unsupported("symbolic index on a channel dimension")
             out.append(slice(None))
             dim += 1
             continue
+        if isinstance(x, bool):
+            raise _Unsupported("boolean scalar index")
         if isinstance(x, int):
             out.append(x if idx.shape[dim] != 1 else 0)
             dim += 1
@@ -862,9 +1211,119 @@ def _apply_index(idx: np.ndarray, index, shape) -> np.ndarray:
             out.append(x if idx.shape[dim] != 1 else slice(None))
             dim += 1
             continue
-        raise _Unsupported(f"advanced indexing ({type(x).__name__})")
+        # advanced index
+        advanced += 1
+        if advanced > 1:
+            raise _Unsupported("several advanced indices")
+        const = const_index(x) if const_index is not None else None
+        if const is not None and const.dtype == bool:
+            if const.ndim != 1:
+                raise _Unsupported("multi-dimensional boolean mask")
+            const = np.nonzero(const)[0]
+        if idx.shape[dim] == 1:
+            rank = const.ndim if const is not None else _index_rank(x)
+            if rank is None:
+                raise _Unsupported(f"advanced indexing ({type(x).__name__})")
+            out.append(np.zeros((1,) * rank, dtype=np.int64))
+        elif const is not None:
+            out.append(const.astype(np.int64))
+        else:
+            raise _Unsupported("channels indexed by a tensor whose values are not known at compile time")
+        dim += 1
     return idx[tuple(out)]
 
 
-def analyze(gm: torch.fx.GraphModule, linears: Sequence[LinearSite]) -> LayoutResult:
-    return _Analysis(gm, linears).run()
+def _is_bool_index(x) -> bool:
+    v = example_value(x) if isinstance(x, torch.fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
+
+
+def _bool_rank(x) -> int:
+    return example_value(x).dim()
+
+
+def _index_rank(x) -> int | None:
+    if isinstance(x, (list, tuple)):
+        return np.asarray(x).ndim
+    v = example_value(x) if isinstance(x, torch.fx.Node) else x
+    if isinstance(v, torch.Tensor):
+        if v.dtype == torch.bool:
+            return None
+        return v.dim()
+    return None
+
+
+def _const_index(gm: torch.fx.GraphModule, x: Any) -> np.ndarray | None:
+    """Integer (or boolean) values of a constant index, or None when not known."""
+    try:
+        if isinstance(x, (list, tuple)):
+            if not all(isinstance(v, (int, bool, list, tuple)) for v in x):
+                return None
+            a = np.asarray(x)
+            return a if a.dtype.kind in "iub" else None
+        if isinstance(x, torch.Tensor):
+            from torch._subclasses.fake_tensor import FakeTensor
+
+            if isinstance(x, FakeTensor) or x.is_floating_point() or x.is_complex() or x.device.type == "meta":
+                return None
+            return x.detach().cpu().numpy()
+        if not isinstance(x, torch.fx.Node):
+            return None
+        if x.op == "get_attr":
+            obj = gm
+            for part in str(x.target).split("."):
+                obj = getattr(obj, part)
+            return _const_index(gm, obj)
+        if x.op == "call_function" and x.target is torch.tensor and x.args:
+            return _const_index(gm, x.args[0])
+        if x.op == "call_function" and x.target is torch.arange:
+            a = [v for v in x.args]
+            if a and all(isinstance(v, int) for v in a):
+                return np.arange(*a)
+            return None
+        if canonical(x) in ("to", "contiguous", "clone", "detach", "alias") and x.args:
+            return _const_index(gm, x.args[0])
+    except Exception:
+        return None
+    return None
+
+
+def _np_ops(idx: np.ndarray, ops, shape=None) -> np.ndarray:
+    """Apply a site's prologue/epilogue calls (permute, flatten, unflatten) to a layout
+    array; ``shape`` (hints of the value's sizes) lets flatten materialize channel dims."""
+    cur = list(shape) if shape is not None else list(idx.shape)
+    for name, a in ops:
+        if name == "permute":
+            perm = list(a[0])
+            idx = np.transpose(_broadcast_to_rank(idx, len(perm)), perm)
+            cur = [cur[d] for d in perm]
+        elif name == "flatten":
+            s, e = a[0] % idx.ndim, a[1] % idx.ndim
+            group = idx.shape[s:e + 1]
+            if all(g == 1 for g in group):
+                idx = idx.reshape(idx.shape[:s] + (1,) + idx.shape[e + 1:])
+            else:
+                sizes = cur[s:e + 1]
+                if any(z is None for z in sizes):
+                    raise _Unsupported("flatten of a symbolic channel dimension")
+                full = idx.shape[:s] + tuple(sizes) + idx.shape[e + 1:]
+                idx = np.ascontiguousarray(np.broadcast_to(idx, full)).reshape(
+                    idx.shape[:s] + (int(np.prod(sizes)),) + idx.shape[e + 1:])
+            prod = None if any(z is None for z in cur[s:e + 1]) else int(np.prod(cur[s:e + 1]))
+            cur = cur[:s] + [prod] + cur[e + 1:]
+        elif name == "unflatten":
+            d, sizes = a[0] % idx.ndim, tuple(a[1])
+            if idx.shape[d] == 1:
+                idx = idx.reshape(idx.shape[:d] + (1,) * len(sizes) + idx.shape[d + 1:])
+            else:
+                idx = idx.reshape(idx.shape[:d] + sizes + idx.shape[d + 1:])
+            cur = cur[:d] + list(sizes) + cur[d + 1:]
+        else:
+            raise _Unsupported(f"unknown site reshape {name}")
+    return idx
+
+
+def analyze(gm: torch.fx.GraphModule, linears: Sequence[LinearSite], example_inputs=None) -> LayoutResult:
+    """Channel layouts of ``gm``. ``example_inputs`` (optional) give the values of index
+    tensors that are graph inputs (buffers), so that channels selected by them are followed."""
+    return _Analysis(gm, linears, example_inputs).run()

@@ -37,7 +37,7 @@ def find_params(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict
         is_buffer = bool(src_text and "_buffers[" in src_text)
         if not (isinstance(t, torch.nn.Parameter) or is_buffer):
             continue
-        name = _compat.qualified_name(src_text) or node.name
+        name = _compat.module_relative_name(src_text) or node.name
         out[node] = ParamInfo(index=i, node=node, name=name, tensor=t)
     return out
 

@@ -12,6 +12,11 @@ A *group* is one head's channel set of a projection that BD rewrites:
 
 Groups connected through shared projections form a :class:`Component`, rewritten together
 by :mod:`bdpass.rewrites.bd_attention`.
+
+Every attention of the graph (:func:`bdpass.graph.contractions.find_attention`) gets a
+verdict for its score contraction (``bd_qk``) and its value contraction (``bd_vo``): a
+group that goes on to the rewrite, or a skip with the reason. Groups and skips carry the
+names of the contraction nodes they are about (``Group.nodes``, ``SkipRecord.nodes``).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class Group:
     q_partners: set = field(default_factory=set)      # {(linear, cols)}
     o_partners: set = field(default_factory=set)      # {(linear, rows)}
     site: str = ""
+    nodes: set = field(default_factory=set)           # names of the contraction nodes it pairs at
 
 
 def _common_path(paths: Sequence[str]) -> str:
@@ -52,19 +58,30 @@ def _common_path(paths: Sequence[str]) -> str:
 
 
 class _Planner:
-    def __init__(self, res: LayoutResult, sites: Sequence[LinearSite], bd_qk: bool, bd_vo: bool):
+    def __init__(self, res: LayoutResult, sites: Sequence[LinearSite], bd_qk: bool, bd_vo: bool,
+                 min_saving: float = 0.0, reshaped_sites: bool = False):
         self.res = res
         self.sites = list(sites)
         self.bd_qk, self.bd_vo = bd_qk, bd_vo
+        self.min_saving = min_saving
+        self.reshaped_sites = reshaped_sites
         self.groups: dict[tuple, Group] = {}
         self.skips: dict[tuple, SkipRecord] = {}
 
-    def skip(self, kind: str, site: str, reason: str) -> None:
-        self.skips.setdefault((kind, site, reason), SkipRecord(kind, site, reason))
+    def skip(self, kind: str, site: str, reason: str, nodes=()) -> None:
+        rec = self.skips.setdefault((kind, site, reason), SkipRecord(kind, site, reason))
+        for n in nodes:
+            if n not in rec.nodes:
+                rec.nodes.append(n)
 
     def site_name(self, *linear_ids: int) -> str:
         return _common_path([self.sites[i].module_path for i in linear_ids]) or \
-            " / ".join(self.sites[i].weight.name for i in linear_ids)
+            " / ".join(dict.fromkeys(self.sites[i].weight.name for i in linear_ids))
+
+    def contraction_site(self, node, linear_ids) -> str:
+        """Name of an attention: the module whose forward ran the contraction, else the
+        common module of its projections (their weights' names at the root), else the node."""
+        return module_path_of(node) or (self.site_name(*sorted(linear_ids)) if linear_ids else node.name)
 
     def reason_of_codes(self, codes: np.ndarray) -> str:
         touched = codes[codes <= -2]
@@ -75,22 +92,20 @@ class _Planner:
     # ------------------------------------------------------------------ QK
     def collect_qk(self) -> None:
         for ev in self.res.qk:
+            nodes = (ev.node.name,)
             for qrow, krow in zip(ev.q_rows, ev.k_rows):
-                q_src = {decode(c)[0] for c in qrow if c >= 0}
-                k_src = {decode(c)[0] for c in krow if c >= 0}
-                site = module_path_of(ev.node) or (self.site_name(*(sorted(q_src | k_src)))
-                                                    if (q_src or k_src) else ev.node.name)
+                site = self.contraction_site(ev.node, self.res.sources_of(np.concatenate([qrow, krow])))
                 ok = (qrow >= 0) & (krow >= 0)
                 if not ok.any():
                     reason = self.reason_of_codes(np.concatenate([krow, qrow]))
-                    self.skip("bd_qk", site, reason if "RoPE" not in reason else "RoPE on q/k channels")
+                    self.skip("bd_qk", site, reason if "RoPE" not in reason else "RoPE on q/k channels", nodes)
                     continue
                 if not self.bd_qk:
                     continue
                 qc, kc = qrow[ok], krow[ok]
                 qs, ks = {decode(c)[0] for c in qc}, {decode(c)[0] for c in kc}
                 if len(qs) != 1 or len(ks) != 1:
-                    self.skip("bd_qk", site, "a head's channels come from several projections")
+                    self.skip("bd_qk", site, "a head's channels come from several projections", nodes)
                     continue
                 qsrc, ksrc = qs.pop(), ks.pop()
                 key = ("bd_qk", ksrc, tuple(decode(c)[1] for c in kc))
@@ -98,6 +113,7 @@ class _Planner:
                 if g is None:
                     g = self.groups[key] = Group(len(self.groups), "bd_qk", ksrc, key[2], site=site)
                 g.q_partners.add((qsrc, tuple(decode(c)[1] for c in qc)))
+                g.nodes.add(ev.node.name)
 
     # ------------------------------------------------------------------ VO
     def collect_vo(self) -> None:
@@ -105,18 +121,25 @@ class _Planner:
             return
         vheads: dict[tuple, Group] = {}
         for ev in self.res.av:
+            nodes = (ev.node.name,)
             for row in ev.v_rows:
                 srcs = {decode(c)[0] for c in row if c >= 0}
+                site = self.contraction_site(ev.node, self.res.sources_of(row))
                 if not srcs:
+                    if (row <= -2).any():
+                        self.skip("bd_vo", site, self.reason_of_codes(row), nodes)
                     continue
-                site = module_path_of(ev.node) or self.site_name(*sorted(srcs))
                 if (row < 0).any() or len(srcs) != 1:
-                    self.skip("bd_vo", site, "a value head mixes projected and other channels")
+                    why = "a value head mixes projected and other channels"
+                    if (row <= -2).any():
+                        why += f" ({self.reason_of_codes(row)})"
+                    self.skip("bd_vo", site, why, nodes)
                     continue
                 s = srcs.pop()
                 key = ("bd_vo", s, tuple(decode(c)[1] for c in row))
                 if key not in self.groups:
                     self.groups[key] = Group(len(self.groups), "bd_vo", s, key[2], site=site)
+                self.groups[key].nodes.add(ev.node.name)
                 vheads[key] = self.groups[key]
         # output projection rows reading each value head
         for ev in self.res.o:
@@ -136,6 +159,16 @@ class _Planner:
                 for c in range(len(hit) // d):
                     g.o_partners.add((o_index, tuple(hit[c * d:(c + 1) * d])))
                 g.site = g.site or self.site_name(g.source, o_index)
+
+    # ------------------------------------------------------------------ unmatched attention
+    def collect_unmatched(self) -> None:
+        for u in self.res.unmatched:
+            if (u.kind == "bd_qk" and not self.bd_qk) or (u.kind == "bd_vo" and not self.bd_vo):
+                continue
+            reason = u.reason
+            if u.kind == "bd_qk" and "RoPE" in reason:
+                reason = "RoPE on q/k channels"
+            self.skip(u.kind, self.contraction_site(u.node, u.sources), reason, (u.node.name,))
 
     # ------------------------------------------------------------------ legality
     def legal_groups(self) -> list[Group]:
@@ -169,6 +202,9 @@ class _Planner:
             reason = bad.get(g.gid)
             if reason is None and len(g.cols) >= site.d_in:
                 reason = f"d_h={len(g.cols)} >= d_in={site.d_in}"
+            if reason is None and len(g.cols) < self.min_saving * site.d_in:
+                reason = (f"saves {100 * len(g.cols) / site.d_in:.2g}% of the head's projection weights "
+                          f"(d_h={len(g.cols)} of d_in={site.d_in}), below min_saving={100 * self.min_saving:.2g}%")
             if reason is None:
                 esc = self.res.escape_reason(g.source, g.cols)
                 if esc is not None:
@@ -184,11 +220,16 @@ class _Planner:
                     reason = "value head does not reach an output projection"
                 elif any(rows is None for _, rows in g.o_partners):
                     reason = "output projection rows of a head are not in channel order"
+            involved = [self.sites[g.source]] + [self.sites[i] for i, _ in g.q_partners | g.o_partners]
+            if reason is None and not self.reshaped_sites:
+                odd = [s for s in involved if s.reshaped]
+                if odd:
+                    reason = (f"{odd[0].weight.name} is applied by an einsum that reshapes its operand or result "
+                              f"(several contracted or output dims); BD does not rewrite that form yet")
             if reason is None:
-                involved = [self.sites[g.source]] + [self.sites[i] for i, _ in g.q_partners | g.o_partners]
                 reason = weight_problem([p for s in involved for p in (s.weight, s.bias) if p is not None])
             if reason is not None:
-                self.skip(kind, g.site, reason)
+                self.skip(kind, g.site, reason, sorted(g.nodes))
                 continue
             out.append(g)
         return out
@@ -229,9 +270,16 @@ def _components(groups: list[Group]) -> list[Component]:
     return list(comps.values())
 
 
-def plan(res: LayoutResult, sites: Sequence[LinearSite], bd_qk: bool, bd_vo: bool):
-    p = _Planner(res, sites, bd_qk, bd_vo)
+def plan(res: LayoutResult, sites: Sequence[LinearSite], bd_qk: bool, bd_vo: bool,
+         min_saving: float = 0.02, reshaped_sites: bool = False):
+    """Components to rewrite and skips. ``min_saving`` (the option of that name): a head
+    saves ``d_h / d_in`` of its projection's weights and is skipped below it.
+    ``reshaped_sites``: the rewrite applies ``LinearSite.prologue``/``epilogue`` (einsum
+    projections over several dims); until it does, pairs involving such sites are skipped
+    with that reason."""
+    p = _Planner(res, sites, bd_qk, bd_vo, min_saving, reshaped_sites)
     p.collect_qk()
     p.collect_vo()
+    p.collect_unmatched()
     groups = p.legal_groups()
     return _components(groups), list(p.skips.values())

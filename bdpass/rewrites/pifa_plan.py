@@ -2,8 +2,10 @@
 
 A chain is a linear site whose input, through ops that only move leading dimensions
 (view/reshape/flatten/unsqueeze keeping the channel dimension last, contiguous, clone,
-eval-mode dropout, a cast to the same dtype), is the output of another linear site, with
-an inner width ``r`` below both outer widths. :func:`link_chains` finds chains whose
+detach, eval-mode dropout, a cast to the same dtype), is the output of another linear site,
+with an inner width ``r`` below both outer widths. Every linear fed by another linear
+through data-movement ops of any kind gets a verdict: a chain, or a skip saying why not
+(full rank, a transpose or slice between the two, a shared intermediate, ...). :func:`link_chains` finds chains whose
 output reaches the next chain's input only through element-wise ops, so that the next
 chain can absorb the column order (see :mod:`bdpass.rewrites.pifa`).
 """
@@ -32,18 +34,20 @@ class Chain:
 
     @property
     def site(self) -> str:
+        """The module holding both linears, or ``first -> second`` (module paths; the
+        weights' names for weights of the compiled module itself)."""
         a, b = self.first.module_path, self.second.module_path
-        if a == b:
-            return a or self.second.weight.name
+        if a == b and a:
+            return a
         pa, pb = a.split("."), b.split(".")
         common = []
         for x, y in zip(pa, pb):
-            if x != y:
+            if x != y or not x:
                 break
             common.append(x)
         if common and len(common) >= max(len(pa), len(pb)) - 1:
             return ".".join(common)
-        return f"{a} -> {b}"
+        return f"{a or self.first.weight.name} -> {b or self.second.weight.name}"
 
     @property
     def rank(self) -> int:
@@ -57,8 +61,10 @@ def _passthrough_ok(node: torch.fx.Node, r: int) -> str | None:
     si, so = shape_of(src), shape_of(node)
     if si is None or so is None or not si or not so or size_hint(si[-1]) != r or size_hint(so[-1]) != r:
         return f"{node.name} changes the channel dimension"
-    if name in ("contiguous", "clone"):
+    if name in ("contiguous", "clone", "detach", "alias"):
         return None
+    if name == "type_as":
+        return None if dtype_of(node) == dtype_of(src) else "dtype cast between the linears"
     if name == "dropout":
         training = arg(node, 2, "training", True)
         return None if training is False else "dropout in training mode between the linears"
@@ -85,13 +91,18 @@ def _passthrough_ok(node: torch.fx.Node, r: int) -> str | None:
         end = arg(node, 2, "end_dim", -1)
         return None if isinstance(end, int) and end % len(si) != len(si) - 1 else \
             f"{node.name}: flatten merges the channel dimension"
+    if name == "unflatten":
+        d = arg(node, 1, "dim")
+        return None if isinstance(d, int) and d % len(si) != len(si) - 1 else \
+            f"{node.name}: unflatten of the channel dimension"
     if name in ("unsqueeze", "squeeze"):
         d = arg(node, 1, "dim")
         nd = len(so) if name == "unsqueeze" else len(si)
         if isinstance(d, int) and d % nd != nd - 1:
             return None
         return f"{node.name}: {name} on the channel dimension"
-    return f"{node.name} ({node.target}) between the linears"
+    what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    return f"{node.name} ('{what}') between the linears: only ops on leading dims are supported"
 
 
 def _static(v: Any) -> Any:
@@ -115,6 +126,14 @@ def _reshape_sizes(node: torch.fx.Node) -> list | None:
     return rest
 
 
+# ops that only move data: a linear reached through them from another linear is a
+# linear-of-linear and gets a verdict (those that PIFA cannot carry give the reason)
+_WALK = {"contiguous", "clone", "dropout", "to", "cast", "reshape", "flatten", "unsqueeze", "squeeze", "detach",
+         "alias", "type_as", "transpose", "permute", "t", "T", "mT", "movedim", "unflatten", "view_as", "expand",
+         "expand_as", "broadcast_to", "narrow", "getitem", "select", "split", "chunk", "unbind", "index_select",
+         "repeat", "repeat_interleave"}
+
+
 def find_chains(linears: Sequence[LinearSite]) -> tuple[list[Chain], list[SkipRecord]]:
     by_output = {s.output: s for s in linears}
     chains: list[Chain] = []
@@ -123,9 +142,8 @@ def find_chains(linears: Sequence[LinearSite]) -> tuple[list[Chain], list[SkipRe
         between: list[torch.fx.Node] = []
         n = second.input
         blocked = None
-        while isinstance(n, torch.fx.Node) and n not in by_output:
-            if canonical(n) in ("contiguous", "clone", "dropout", "to", "cast", "reshape", "flatten",
-                                "unsqueeze", "squeeze") and n.args:
+        while isinstance(n, torch.fx.Node) and n not in by_output and len(between) < 64:
+            if canonical(n) in _WALK and n.args and isinstance(n.args[0], torch.fx.Node):
                 between.append(n)
                 n = n.args[0]
             else:
@@ -135,12 +153,17 @@ def find_chains(linears: Sequence[LinearSite]) -> tuple[list[Chain], list[SkipRe
         first = by_output[n]
         between.reverse()
         chain = Chain(first, second, between)
+        nodes = [first.core.name, second.core.name]
         r = first.d_out
         d_in, d_out = first.d_in, second.d_out
         if r >= min(d_in, d_out):
-            # A full-rank pair is not a low-rank chain; only report genuinely narrow ones.
-            if r < max(d_in, d_out):
-                skips.append(SkipRecord(KIND, chain.site, f"rank r={r} >= min(d_in, d_out)={min(d_in, d_out)}"))
+            skips.append(SkipRecord(KIND, chain.site, f"rank r={r} >= min(d_in, d_out)={min(d_in, d_out)}: "
+                                                      f"not a low-rank chain", nodes))
+            continue
+        if first.reshaped or second.reshaped:
+            odd = first if first.reshaped else second
+            skips.append(SkipRecord(KIND, chain.site, f"{odd.weight.name} is applied by an einsum that reshapes its "
+                                                      f"operand or result; PIFA does not rewrite that form yet", nodes))
             continue
         for m in between:
             blocked = _passthrough_ok(m, r)
@@ -158,7 +181,7 @@ def find_chains(linears: Sequence[LinearSite]) -> tuple[list[Chain], list[SkipRe
         if blocked is None:
             blocked = weight_problem([p for s in (first, second) for p in (s.weight, s.bias) if p is not None])
         if blocked:
-            skips.append(SkipRecord(KIND, chain.site, blocked))
+            skips.append(SkipRecord(KIND, chain.site, blocked, nodes))
             continue
         chains.append(chain)
     return chains, skips
