@@ -117,7 +117,10 @@ def _rel_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> floa
 def _run_native(gm: torch.fx.GraphModule, inputs: Sequence[Any], weights: set[int]) -> list:
     """Outputs of ``gm`` run eagerly in the model's own dtypes (on copies of the inputs it
     may write to)."""
-    args = [t.detach().clone() if isinstance(t, torch.Tensor) and i not in weights else t
+    from ._compat import size_hint
+
+    args = [t.detach().clone() if isinstance(t, torch.Tensor) and i not in weights else
+            size_hint(t) if isinstance(t, torch.SymInt) else t
             for i, t in enumerate(inputs)]
     with torch.no_grad(), torch.random.fork_rng(devices=_devices(inputs)):
         torch.manual_seed(0)

@@ -279,7 +279,8 @@ def test_placeholder_names_are_qualified():
     assert r.details["weights"] == ["layers.0.mlp.v_proj.weight", "layers.0.mlp.u_proj.weight"]
 
 
-def test_cost_model_decisions():
+def test_cost_model_roofline():
+    """The estimate used when nothing can be timed (fake or meta tensors)."""
     from bdpass import cost
     cpu = torch.device("cpu")
     # large GEMM-bound chain: PIFA's 25% fewer FLOPs pay for the column-order pass
@@ -287,9 +288,30 @@ def test_cost_model_decisions():
     # a handful of tokens through a tiny chain: the extra kernel dominates
     est = cost.pifa(4, 32, 8, 32, torch.float32, cpu)
     assert not est.pays and est.ratio < 1
+
+
+@pytest.mark.parametrize("pifa_seconds", [0.5, 2.0])
+def test_cost_model_decides_by_measuring(monkeypatch, pifa_seconds):
+    """The chain is timed against the original pair at the graph's token count; the
+    measurement, not a constant, decides."""
+    from bdpass import timing
+
+    problems = []
+
+    def measure(device, problem, candidates):
+        problems.append(problem)
+        assert set(candidates) == {"original", "pifa"}
+        return {"original": 1.0, "pifa": pifa_seconds}
+    monkeypatch.setattr(timing, "measure", measure)
     torch.manual_seed(15)
     rep = bdpass.explain(SvdLinear(32, 8, 32), torch.randn(4, 32))
-    assert rep.rewrites == [] and rep.skipped[0].reason.startswith("cost model:"), str(rep)
+    assert problems == [{"op": "pifa", "M": 4, "d_in": 32, "r": 8, "d_out": 32, "dtype": "torch.float32",
+                         "bias": True, "restore_order": True}]
+    if pifa_seconds < 1:
+        assert [r.kind for r in rep.rewrites] == ["pifa"], str(rep)
+    else:
+        assert rep.rewrites == [] and rep.skipped[0].reason.startswith(
+            "cost model: the PIFA pair measured at 0.50x of the original"), str(rep)
 
 
 def _low_rank_llama():
