@@ -18,6 +18,7 @@ from .pivots import (
     pivoted_qr,
     unit_roundoff,
 )
+from .shared import grouped_rows, max_cond, shared_rows
 
 __all__ = [
     "BdFactors",
@@ -35,4 +36,7 @@ __all__ = [
     "pivoted_qr",
     "reference_rows",
     "unit_roundoff",
+    "grouped_rows",
+    "max_cond",
+    "shared_rows",
 ]
