@@ -234,3 +234,45 @@ def test_site_names_are_module_paths_whatever_self_is_called():
             assert r.details["projection"] in params and all(p in params for p in r.details["folded_into"])
         else:
             assert all(p in params for p in r.details["weights"])
+
+
+class FalconStyle(nn.Module):
+    """Falcon's fused multi-query layout: (B, T, groups, g + 2, e) with the group's key and
+    value picked by constant list indices and broadcast over its query heads."""
+
+    def __init__(self, d=64, groups=2, g=2, e=16):
+        super().__init__()
+        self.groups, self.g, self.e = groups, g, e
+        self.qkv = nn.Linear(d, groups * (g + 2) * e)
+        self.dense = nn.Linear(groups * g * e, d)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        G, g, e = self.groups, self.g, self.e
+        qkv = self.qkv(x).view(B, T, G, g + 2, e)
+        q = qkv[:, :, :, :-2]
+        k = torch.broadcast_to(qkv[:, :, :, [-2]], q.shape)
+        v = torch.broadcast_to(qkv[:, :, :, [-1]], q.shape)
+        q, k, v = (t.flatten(2, 3).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.dense(o.transpose(1, 2).reshape(B, T, G * g * e))
+
+
+def test_falcon_list_index_multi_query():
+    torch.manual_seed(2)
+    model = FalconStyle().eval()
+    x = torch.randn(2, 6, 64)
+    sites, _, comps, skips = planned(model, x)
+    assert skips == []
+    groups = [g for c in comps for g in c.groups]
+    # one key and one value head per group, each folded into the group's two query heads
+    assert Counter(g.kind for g in groups) == {"bd_qk": 2, "bd_vo": 2}
+    assert all(len(g.q_partners) == 2 for g in groups if g.kind == "bd_qk")
+    assert all(len(g.o_partners) == 2 for g in groups if g.kind == "bd_vo")
+    torch._dynamo.reset()
+    with torch.no_grad(), bdpass.collect_reports() as rep:
+        out = torch.compile(model, backend="bd", options=AOT)(x)
+        ref = model(x)
+    torch._dynamo.reset()
+    assert Counter(r.kind for r in rep.rewrites) == {"bd_qk": 1, "bd_vo": 1}, str(rep)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
