@@ -251,3 +251,29 @@ def test_state_candidates_and_rank_one_swaps_match_direct_computation():
     for name in ("C", "M", "K", "CK", "Crow", "nB"):
         a, b = getattr(st, name), getattr(ref, name)
         assert float((a - b).abs().max() / b.abs().max()) < 1e-10, name
+
+
+# ============================================================================ growth factor
+def test_first_order_factors():
+    from bdpass.identities import first_order_factors
+    W = heads(12, 6, 48, 12)
+    rows, conds = shared_rows(W, max_steps=0)
+    g = first_order_factors(W, rows)
+    assert len(g) == 6
+    assert all(1.0 - 1e-12 <= a <= c * (1 + 1e-12) for a, c in zip(g, conds))
+    assert min(c / a for a, c in zip(g, conds)) > 1.2       # strictly tighter here
+    for h in range(6):                                       # direct computation
+        B = W[h, rows]
+        C = W[h] @ torch.linalg.inv(B)
+        direct = float(torch.linalg.matrix_norm(C, 2) * torch.linalg.matrix_norm(B, 2)
+                       / torch.linalg.matrix_norm(W[h], 2))
+        assert g[h] == pytest.approx(direct, rel=1e-9)
+    Q = torch.linalg.qr(W)[0]                                # orthonormal heads: g = cond
+    assert first_order_factors(Q, rows) == pytest.approx(block_conds(Q, rows), rel=1e-9)
+    per_head = torch.stack([rows] * 6)
+    assert first_order_factors(W, per_head) == pytest.approx(g, rel=1e-12)
+    assert max_cond(W, per_head) == pytest.approx(max(conds), rel=1e-9)
+    V = W.clone()
+    V[2, rows[0]] = V[2, rows[1]]                            # a singular block in head 2
+    assert math.isinf(first_order_factors(V, rows)[2])
+    assert max_cond(V, rows) > 1e15
