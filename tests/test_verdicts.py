@@ -247,6 +247,27 @@ def test_every_linear_of_linear_has_a_verdict(make, monkeypatch):
         assert bool(applied) == (model.how in ("detach", "unflatten")), str(rep)
 
 
+class PerHeadAfterLinear(nn.Module):
+    """A linear, then per-head weights (einsum sharing the head dim, and bmm with a 3-D
+    weight): batched products, not linear layers, so not linear-of-linear pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 16)
+        self.w = nn.Parameter(torch.randn(4, 4, 3))
+        self.v = nn.Parameter(torch.randn(4, 4, 3))
+
+    def forward(self, x):
+        h = self.a(x).view(x.shape[0], 4, 4).transpose(0, 1)            # (4 heads, N, 4)
+        return torch.einsum("hnd,hde->hne", h, self.w) + torch.bmm(h, self.v)
+
+
+def test_per_head_weights_are_not_linear_chains(monkeypatch):
+    rep, planned = compile_and_plan(PerHeadAfterLinear().eval(), (torch.randn(5, 32),), monkeypatch=monkeypatch)
+    assert check_report(rep, planned, kinds=("pifa",)) == {"pifa": 0}
+    assert rep.skipped == [] and rep.rewrites == [], str(rep)
+
+
 # ---------------------------------------------------------------------------- value verdicts
 class TouchedValues(nn.Module):
     """Values through a nonlinearity before the contraction: no BD-VO, with the reason."""

@@ -167,10 +167,29 @@ def weight_contractions(gm: torch.fx.GraphModule, weights: set) -> dict[torch.fx
         w_side = [_weight_operand(o, weights) for o in ops]
         if w_side.count(True) != 1 or not isinstance(ops[w_side.index(False)], torch.fx.Node):
             continue
-        if op_name(node) != "einsum" and not w_side[1]:
-            continue                     # W @ x multiplies from the left: not a linear layer
+        if op_name(node) == "einsum":
+            if _batched_einsum(node.args[0], w_side.index(True)):
+                continue                 # a dim shared by input, weight and output: per-head weights
+        elif not w_side[1] or _rank(ops[1]) != 2:
+            continue                     # W @ x, or a batched (3-D) weight: not a linear layer
         out[node] = ops[w_side.index(False)]
     return out
+
+
+def _rank(node) -> int | None:
+    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def _batched_einsum(eq, w_index: int) -> bool:
+    if not isinstance(eq, str) or "->" not in eq:
+        return False
+    lhs, out = eq.replace(" ", "").split("->")
+    ins = lhs.split(",")
+    if len(ins) != 2:
+        return True
+    w, x = set(ins[w_index]) - {"."}, set(ins[1 - w_index]) - {"."}
+    return bool(w & x & set(out))
 
 
 def _bias_add_of(node: torch.fx.Node, weights: set) -> torch.fx.Node | None:
