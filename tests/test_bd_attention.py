@@ -187,7 +187,7 @@ def test_measured_slower_is_declined(monkeypatch):
     assert calls and all(c["op"] == "bd_linear" and c["M"] == 16 for c in calls)
     bd = [s for s in rep.skipped if s.kind.startswith("bd")]
     assert rep.rewrites == [] and {s.kind for s in bd} == {"bd_qk", "bd_vo"}
-    assert all(s.reason.startswith("cost model: the BD projection measured") and "0.11x" in s.reason
+    assert all(s.reason.startswith("cost model: measured on") and "per_head 0.11x" in s.reason
                for s in bd), str(rep)
     assert bd_err == ind_err
 

@@ -30,6 +30,7 @@ current weights when any of them changes (see ``bdpass.runtime``).
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
@@ -45,7 +46,6 @@ from ..runtime import finalize_tensor
 from .bd_plan import Component, Group
 from .decisions import BdDecision
 
-from inductor_lowerings.bd_linear import contiguous_start
 from .editor import GraphEditor
 
 FORMS = ("per_head", "groups", "shared")
@@ -305,9 +305,26 @@ def _can_time(site: LinearSite) -> bool:
     return not isinstance(t, FakeTensor) and t.device.type in ("cpu", "cuda")
 
 
-def _time_source(site: LinearSite, src: Source, cands: dict[str, list[SetFactors]]) -> dict[str, float]:
-    """Median seconds of the original projection and of each candidate form, on random
-    inputs of the site's shape (the dense blocks' weights are random: only shapes matter)."""
+def _synthetic(site: LinearSite, src: Source, form: str) -> list[SetFactors]:
+    """Factors with the shapes and table structure of a form but random values: what timing
+    needs (a form's speed does not depend on which rows it pivots on, only on how many
+    tables and blocks it has), without the cost of factorizing."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for st in src.sets:
+        table = st.head_table(form)
+        T, H, K = max(table) + 1, len(st.heads), site.d_in - st.g
+        rows = torch.stack([torch.randperm(site.d_in, generator=g)[:st.g].sort().values for _ in range(T)])
+        f = types.SimpleNamespace(w_rest=torch.randn(H, K, st.g, generator=g, dtype=torch.float64),
+                                  bias=None if site.bias is None else torch.randn(H, st.g, generator=g,
+                                                                                  dtype=torch.float64))
+        out.append(SetFactors(f, rows, table))
+    return out
+
+
+def _time_source(site: LinearSite, src: Source, forms: Sequence[str]) -> dict[str, float]:
+    """Median seconds of the original projection and of each form, on random inputs and
+    weights of the site's shapes."""
     import inductor_lowerings  # noqa: F401  (registers the ops)
 
     dev, dt = site.weight.tensor.device, site.weight.tensor.dtype
@@ -318,69 +335,87 @@ def _time_source(site: LinearSite, src: Source, cands: dict[str, list[SetFactors
     fns = {"original": lambda: torch.nn.functional.linear(x, W, b)}
     shapes = {}
     form0 = src.form
-    for form, fac in cands.items():
+    for form in forms:
         src.form = form
         T, block_table, block_col = op_statics(site, src)
         t = [None if v is None else finalize_tensor(v, dt, dev)
-             for v in source_tensors(site, src, fac, W.t().double(), None if b is None else b.double())]
+             for v in source_tensors(site, src, _synthetic(site, src, form), W.t().double(),
+                                     None if b is None else b.double())]
         args = (t[:T], t[T:2 * T], t[2 * T::2], t[2 * T + 1::2], block_table, block_col, site.d_out)
         fns[form] = (lambda a=args: torch.ops.bdpass.bd_linear(x, *a))
-        shapes[form] = [[int(args[0][tb].numel()), int(args[2][i].shape[1]), contiguous_start(args[1][tb]) is not None]
-                        for i, tb in enumerate(block_table)]
+        shapes[form] = [[int(args[0][tb].numel()), int(args[2][i].shape[1])] for i, tb in enumerate(block_table)]
     src.form = form0
     problem = {"op": "bd_linear", "M": M, "d_in": site.d_in, "d_out": site.d_out, "dtype": str(dt),
                "bias": site.bias is not None, "blocks": shapes}
     return timing.measure(dev, problem, fns)
 
 
+def _estimate_source(site: LinearSite, src: Source, forms: Sequence[str]) -> dict[str, float]:
+    """Roofline seconds of the original projection and of each form (no real tensors)."""
+    dtype = dtype_of(site.output) or site.weight.tensor.dtype
+    out = {}
+    form0 = src.form
+    for form in forms:
+        src.form = form
+        est = cost.bd_linear(site.tokens, site.d_in, site.d_out, len(src.heads), max(st.g for st in src.sets),
+                             op_statics(site, src)[0], dtype, site.weight.tensor.device)
+        out["original"], out[form] = est.original, est.rewritten
+    src.form = form0
+    return out
+
+
 def decide(comp: Component, sites: Sequence[LinearSite], sources: dict[int, Source], args,
            error_budget: float, cost_model: bool):
     """Choose each source's form. Returns (factors per source, details per source, None) or
-    (None, None, the reason not to rewrite)."""
+    (None, None, the reason not to rewrite).
+
+    With the cost model, each source's forms are timed first (they do not need factors for
+    that) and factorized fastest first: the first that is faster than the original and
+    within the error budget is taken. Without it, per-head pivots (the most accurate)."""
     chosen, details = {}, {}
     total_orig = total_new = 0.0
-    measured = True
+    how = None
     for s, src in sources.items():
         site = sites[s]
-        cands, refused = {}, {}
-        for form in src.forms():
-            try:
-                cands[form] = form_factors(site, src, form, args, error_budget)
-            except FactorizationError as e:
-                refused[form] = str(e)
-        if not cands:
-            return None, None, refused.get("per_head") or next(iter(refused.values()))
-        conds = {form: max(max(sf.f.conds) for sf in v) for form, v in cands.items()}
+        forms = src.forms()
         if not cost_model:
-            form = min(cands, key=lambda k: conds[k])
-            details[s] = {"form": form}
-        elif _can_time(site):
-            t = _time_source(site, src, cands)
-            form = min(cands, key=lambda k: t[k])
-            total_orig += t["original"]
-            total_new += t[form]
-            details[s] = {"form": form, "ms": {k: round(v * 1e3, 4) for k, v in t.items()}}
+            secs, order = None, ["per_head"]
         else:
-            measured = False
-            dtype = dtype_of(site.output) or site.weight.tensor.dtype
-            est = {}
-            for form in cands:
-                src.form = form
-                T = op_statics(site, src)[0]
-                est[form] = cost.bd_linear(site.tokens, site.d_in, site.d_out, len(src.heads),
-                                           max(st.g for st in src.sets), T, dtype, site.weight.tensor.device)
-            form = min(est, key=lambda k: est[k].rewritten)
-            total_orig += est[form].original
-            total_new += est[form].rewritten
-            details[s] = {"form": form, "estimated_speedup": round(est[form].ratio, 3)}
+            if _can_time(site):
+                secs, how = _time_source(site, src, forms), f"measured on {timing.machine(site.weight.tensor.device)}"
+            else:
+                secs, how = _estimate_source(site, src, forms), (f"estimated on {site.weight.tensor.device.type} "
+                                                                   f"(roofline; no real tensors to time)")
+            order = sorted(forms, key=lambda k: secs[k])
+        refused, form = {}, None
+        for cand in order:
+            if secs is not None and secs[cand] > (1.0 - cost.MARGIN) * secs["original"]:
+                break                      # this form and every later one would not pay
+            try:
+                chosen[s] = form_factors(site, src, cand, args, error_budget)
+            except FactorizationError as e:
+                refused[cand] = str(e)
+                continue
+            form = cand
+            break
+        if form is None:
+            parts = [f"{k}: {v}" for k, v in refused.items()]
+            slow = [k for k in order if k not in refused]
+            if secs is not None and slow:
+                parts.append(f"cost model: {how}, " + ", ".join(
+                    f"{k} {secs['original'] / secs[k]:.2f}x" for k in slow) +
+                    f" of the original at {site.tokens} tokens (needs >= {1 / (1 - cost.MARGIN):.2f}x)")
+            return None, None, "; ".join(parts)
         src.form = form
-        chosen[s] = cands[form]
+        details[s] = {"form": form}
+        if secs is not None:
+            total_orig += secs["original"]
+            total_new += secs[form]
+            details[s]["ms" if how.startswith("measured") else "estimated_ms"] = \
+                {k: round(v * 1e3, 4) for k, v in secs.items()}
     if cost_model and total_new > (1.0 - cost.MARGIN) * total_orig:
         site = sites[next(iter(sources))]
-        dev = site.weight.tensor.device
-        how = f"measured on {timing.machine(dev)}" if measured else \
-            f"estimated on {dev.type} (roofline; no real tensors to time)"
-        return None, None, (f"cost model: the BD projection {how} at {total_orig / total_new:.2f}x of the "
+        return None, None, (f"cost model: the BD projections {how} at {total_orig / total_new:.2f}x of the "
                             f"original at {site.tokens} tokens (needs >= {1 / (1 - cost.MARGIN):.2f}x)")
     return chosen, details, None
 
@@ -481,6 +516,6 @@ def _records(comp: Component, sites: Sequence[LinearSite], sources: dict[int, So
             details={"heads": len(gs), "d_in": d_in, "d_h": d_h[0] if len(d_h) == 1 else d_h,
                      "projection": sites[src].weight.name, "folded_into": partners,
                      "form": d.get("form", sources[src].form), "shared_basis": d.get("form") == "shared",
-                     **{k: v for k, v in d.items() if k in ("ms", "estimated_speedup")}}))
+                     **{k: v for k, v in d.items() if k in ("ms", "estimated_ms")}}))
     return recs
 
