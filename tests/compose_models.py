@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -316,7 +316,8 @@ def random_width(rng: random.Random, lo: int = 2, hi: int = 80) -> int:
 
 # ------------------------------------------------------------------------------ connectors
 ACTS = ("gelu", "gelu_tanh", "silu", "relu")
-CONNECTORS = ACTS + ("layernorm", "rmsnorm", "rmsnorm_hf", "residual", "scale", "div", "rscale", "cast",
+UNARY = ("tanh", "sigmoid", "neg")          # other element-wise ops (a chain may hand its order through them)
+CONNECTORS = ACTS + UNARY + ("layernorm", "rmsnorm", "rmsnorm_hf", "residual", "scale", "div", "rscale", "cast",
                      "dropout", "fdropout", "reshape", "flatten", "transpose", "shift")
 
 
@@ -371,6 +372,12 @@ class Connect(nn.Module):
                 y = F.silu(y)
             elif k == "relu":
                 y = torch.relu(y)
+            elif k == "tanh":
+                y = torch.tanh(y)
+            elif k == "sigmoid":
+                y = torch.sigmoid(y)
+            elif k == "neg":
+                y = -y
             elif k in ("layernorm", "rmsnorm", "rmsnorm_hf"):
                 y = self.norms[str(i)](y)
             elif k == "residual":
@@ -392,8 +399,8 @@ class Connect(nn.Module):
                 y = y.reshape(-1, y.shape[-1]).view(y.shape)
             elif k == "flatten":
                 y = y.flatten(0, -2) if y.dim() > 2 else y.unsqueeze(0)
-            elif k == "transpose":
-                y = y.transpose(0, -2) if y.dim() > 2 else y
+            elif k == "transpose":      # contiguous: GPT-2's Conv1D views its input
+                y = y.transpose(0, -2).contiguous() if y.dim() > 2 else y
             elif k == "shift":
                 y = y + self.shifts[str(i)]
         return y
@@ -409,6 +416,26 @@ def random_connector(rng: random.Random, allow_residual: bool, max_len: int = 3)
 
 
 # ------------------------------------------------------------------------------ families
+class Seq(nn.Module):
+    """Layers applied in turn (``layers.<i>``; a plain module rather than ``nn.Sequential``,
+    whose compiled parameter names carry the wrapper's own prefix)."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for m in self.layers:
+            x = m(x)
+        return x
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+
 class ChainStack(nn.Module):
     """Chains (and a few dense layers) feeding each other through connectors."""
 
@@ -512,7 +539,7 @@ def make_swiglu(rng: random.Random) -> Case:
     gated = rng.random() < 0.8
     act = "silu" if gated and rng.random() < 0.7 else rng.choice(ACTS)
     norm = rng.choice([None, "rmsnorm", "rmsnorm_hf", "layernorm"])
-    model = nn.Sequential(*[MLP(d, hidden, gated, act, rng, norm=norm, residual=layers > 1 or rng.random() < 0.5)
+    model = Seq(*[MLP(d, hidden, gated, act, rng, norm=norm, residual=layers > 1 or rng.random() < 0.5)
                             for _ in range(layers)])
     x = _tokens(rng, d)
     desc = {"d": d, "hidden": hidden, "layers": layers, "gated": gated, "act": act, "norm": norm,
@@ -583,12 +610,38 @@ class SharedBasisStack(nn.Module):
         return out
 
 
+class TiedStack(nn.Module):
+    """One low-rank pair applied by every layer (ALBERT-style sharing), connectors between."""
+
+    def __init__(self, d: int, layers: int, rng: random.Random):
+        super().__init__()
+        self.pair = random_pair(rng, d, d, inner_p=0.1)
+        # no shift right after the pair: it would become the bias of some of its uses only
+        kinds = [random_connector(rng, allow_residual=True) for _ in range(layers)]
+        kinds = [k[1:] + ["shift"] if k[:1] == ["shift"] else k for k in kinds]
+        self.connect = nn.ModuleList([Connect(k, d) for k in kinds])
+        self.n = layers
+
+    def forward(self, x):
+        for con in self.connect:
+            x = con(self.pair(x), x)
+        return x
+
+
 def make_shared(rng: random.Random) -> Case:
-    mode = rng.choice(["layers", "layers", "fanout"])
+    mode = rng.choice(["layers", "layers", "fanout", "tied"])
+    if mode == "tied":
+        d = random_width(rng, 3, 64)
+        m = TiedStack(d, rng.choice([2, 3]), rng)
+        x = _tokens(rng, d)
+        return Case("shared", Seq(m), (x,), {"mode": mode, "d": d, "layers": m.n,
+                                                       "pair": _describe(m.pair),
+                                                       "connectors": [c.kinds for c in m.connect],
+                                                       "x": list(x.shape)})
     d = random_width(rng, 3, 64)
     r = random_rank(rng, d, d) if d > 2 else 1
     layers = rng.choice([2, 3, 4])
-    model = nn.Sequential(SharedBasisStack(d, r, layers, mode, rng))
+    model = Seq(SharedBasisStack(d, r, layers, mode, rng))
     x = _tokens(rng, d)
     m = model[0]
     desc = {"mode": mode, "d": d, "r": r, "layers": layers, "basis": m.basis_spelling, "coef": m.coef_spelling,
@@ -610,8 +663,9 @@ class Attention(nn.Module):
 
     def __init__(self, d: int, heads: int, kvh: int, hd: int, rng: random.Random, lowrank_p: float,
                  fused: str | None, rope: str, attn: str, causal: bool, gqa_style: str, qk_norm: bool,
-                 bias: bool):
+                 bias: bool, cache: str = "none"):
         super().__init__()
+        self.cache = cache      # "none" | "k" | "kv": also return the keys (and values) as a KV cache would
         self.d, self.h, self.kvh, self.hd = d, heads, kvh, hd
         self.fused, self.rope, self.attn, self.causal = fused, rope, attn, causal
         self.gqa_style, self.qk_norm = gqa_style, qk_norm
@@ -686,6 +740,7 @@ class Attention(nn.Module):
         B, T = x.shape[0], x.shape[1]
         q, k, v = self.split(x)
         kvh = k.shape[1]
+        v_cache = v
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope == "full":
@@ -694,6 +749,7 @@ class Attention(nn.Module):
             r = self.hd // 2
             q = torch.cat((apply_rope(q[..., :r], r), q[..., r:]), dim=-1)
             k = torch.cat((apply_rope(k[..., :r], r), k[..., r:]), dim=-1)
+        k_cache = k
         g = self.h // kvh
         if self.attn == "sdpa_gqa":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=g > 1)
@@ -717,7 +773,12 @@ class Attention(nn.Module):
                 p = torch.softmax(s, dim=-1)
                 o = torch.einsum("bhts,bhsd->bhtd", p, v) if self.attn == "einsum" else p @ v
         o = o.transpose(1, 2).reshape(B, T, self.h * self.hd)
-        return self.o(o)
+        out = self.o(o)
+        if self.cache == "k":
+            return out, k_cache
+        if self.cache == "kv":
+            return out, k_cache, v_cache
+        return out
 
     def expect(self, path: str) -> AttnExpect:
         lr = self.lowrank
@@ -725,17 +786,20 @@ class Attention(nn.Module):
         if self.rope != "full" and not self.qk_norm:
             possible.add("bd_qk")
         required = set()
-        if not lr["v"] and not lr["o"]:
+        if not lr["v"] and not lr["o"] and self.cache != "kv":
             required.add("bd_vo")
-        if "bd_qk" in possible and not lr["q"] and not lr["k"]:
+        if "bd_qk" in possible and not lr["q"] and not lr["k"] and self.cache == "none":
             required.add("bd_qk")
+        # a returned cache escapes: the pairs it holds must be skipped (the fuzzer compares every
+        # output, so a rewrite of them shows as a wrong cache)
         return AttnExpect(path=path, required=required, possible=possible)
 
     def describe(self) -> dict:
         projs = ("qkv", "o") if self.fused else ("q", "k", "v", "o")
         return {"d": self.d, "heads": self.h, "kvh": self.kvh, "hd": self.hd, "fused": self.fused,
                 "rope": self.rope, "attn": self.attn, "causal": self.causal, "gqa_style": self.gqa_style,
-                "qk_norm": self.qk_norm, "proj": {p: _describe(getattr(self, p)) for p in projs}}
+                "qk_norm": self.qk_norm, "cache": self.cache,
+                "proj": {p: _describe(getattr(self, p)) for p in projs}}
 
 
 class MLA(LatentAttention):
@@ -750,7 +814,8 @@ class MLA(LatentAttention):
 
 
 def random_attention(rng: random.Random, d: int | None = None, lowrank_p: float = 0.5,
-                     fused_p: float = 0.3, fused_style: str | None = None) -> tuple[Attention, int]:
+                     fused_p: float = 0.3, fused_style: str | None = None,
+                     cache_p: float = 0.0) -> tuple[Attention, int]:
     hd = rng.choice([h for h in (2, 3, 4, 6, 8, 12, 16) if d is None or h < d])
     kvh = rng.choice([1, 1, 2, 3])
     g = rng.choice([1, 1, 2, 3, 4])
@@ -769,27 +834,27 @@ def random_attention(rng: random.Random, d: int | None = None, lowrank_p: float 
     attn = rng.choice(["sdpa", "sdpa_gqa", "eager", "einsum"])
     m = Attention(d, heads, kvh, hd, rng, lowrank_p, fused, rope, attn, causal=rng.random() < 0.7,
                   gqa_style=rng.choice(["expand", "repeat_interleave"]), qk_norm=rng.random() < 0.1,
-                  bias=rng.random() < 0.5)
+                  bias=rng.random() < 0.5, cache=rng.choice(["k", "kv"]) if rng.random() < cache_p else "none")
     return m, d
 
 
 def make_lowrank_attention(rng: random.Random) -> Case:
     """One attention block, q/k/v/o mostly low-rank."""
-    m, d = random_attention(rng, lowrank_p=0.75, fused_p=0.0)
+    m, d = random_attention(rng, lowrank_p=0.75, fused_p=0.0, cache_p=0.2)
     x = _seq(rng, d)
-    return Case("lowrank_attn", nn.Sequential(m), (x,), {**m.describe(), "x": list(x.shape)})
+    return Case("lowrank_attn", Seq(m), (x,), {**m.describe(), "x": list(x.shape)})
 
 
 def make_fused_qkv(rng: random.Random) -> Case:
     """One attention block with a fused QKV projection (dense or low-rank) in a grouped layout,
     optionally followed by a low-rank MLP."""
-    m, d = random_attention(rng, lowrank_p=0.35, fused_p=1.0)
+    m, d = random_attention(rng, lowrank_p=0.35, fused_p=1.0, cache_p=0.15)
     layers = [m]
-    if rng.random() < 0.5:
+    if m.cache == "none" and rng.random() < 0.5:
         layers.append(MLP(d, random_width(rng, 3, 64), rng.random() < 0.5, rng.choice(ACTS), rng,
                           norm=rng.choice([None, "rmsnorm", "layernorm"]), residual=True))
     x = _seq(rng, d)
-    return Case("fused_qkv", nn.Sequential(*layers), (x,), {**m.describe(), "mlp": len(layers) > 1,
+    return Case("fused_qkv", Seq(*layers), (x,), {**m.describe(), "mlp": len(layers) > 1,
                                                              "x": list(x.shape)})
 
 

@@ -13,17 +13,17 @@ Families (``--family``; ``mixed``, the default, draws one per seed, see ``FAMILY
   any spelling (``nn.Linear`` pairs with/without biases, ``F.linear`` + separate bias,
   ``Conv1D``/``addmm`` with views, ``@`` with reshapes, ``x @ W.T``, ``einsum``, ``einsum``
   over head dims), ops inside a pair (dropout, reshape, cast, an explicit singular-value
-  vector), and between pairs: GELU/SiLU/ReLU, LayerNorm/RMSNorm (torch's and Llama's),
+  vector), and between pairs: GELU/SiLU/ReLU/tanh/sigmoid/neg, LayerNorm/RMSNorm (torch's and Llama's),
   residual adds, scalar scales, dtype round trips, eval dropout, reshapes, flatten, a
   transpose of leading dims, a separate shift.
 * ``swiglu``: ``down(act(gate(x)) * up(x))`` (and ungated MLPs), each projection a low-rank
   pair in any spelling, 1-3 layers with norms and residuals.
 * ``shared``: one basis linear shared by several layers' coefficient linears (Basis
-  Sharing: one chain per layer), or one basis output read by several coefficient linears
-  (Palu: no chain may be rewritten).
+  Sharing: one chain per layer), one basis output read by several coefficient linears
+  (Palu: no chain may be rewritten), or one low-rank pair applied by every layer (ALBERT).
 * ``lowrank_attn``: attention whose q/k/v/o are mostly low-rank pairs (SDPA, SDPA with
   ``enable_gqa``, eager softmax, einsum; RoPE none/full/partial; GQA by expand or
-  repeat_interleave; q/k norm).
+  repeat_interleave; q/k norm; keys/values returned as a cache).
 * ``fused_qkv``: one QKV projection (dense or low-rank) split in the layouts of Phi-3
   (slices), Qwen (split), ChatGLM (split + views), Falcon (per-group view, list or integer
   index, ``broadcast_to``), GPT-NeoX (per-head view), ViT (reshape/permute/unbind), chunk;
@@ -32,7 +32,9 @@ Families (``--family``; ``mixed``, the default, draws one per seed, see ``FAMILY
   MLP), optionally a low-rank head.
 
 A minority of cases (``--half``) run in bfloat16/float16; every ``--inductor-every``-th seed
-is lowered by Inductor instead of ``--lowering``.
+is lowered by Inductor instead of ``--lowering``; a fraction (``--reshape``) is also called with
+other leading sizes, which Dynamo compiles again as a dynamic-shape graph. Attention blocks
+sometimes also return their keys (and values) as a KV cache would; every output is compared.
 
 Each case is compiled with ``backend="bd"`` (``cost_model`` off and ``min_saving`` 0, so
 every legal rewrite is applied; ``strict``, so internal errors and validation refusals
@@ -56,7 +58,9 @@ command that reruns it alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import os
 import random
 import sys
@@ -80,6 +84,7 @@ FAMILY_WEIGHTS = {"legacy": 2.0, "chain_chain": 3.0, "swiglu": 1.2, "shared": 1.
 SEVERITY = ("crash", "validation", "wrong", "report", "missed", "generator")
 HALF_DEFAULT = 0.12
 INDUCTOR_EVERY_DEFAULT = 10
+RESHAPE_DEFAULT = 0.2
 
 
 def make_case(seed: int):
@@ -127,10 +132,11 @@ class Plan:
     family: str
     dtype: torch.dtype
     lowering: str
+    reshape: bool = False       # also call with other leading sizes (Dynamo recompiles, dynamic shapes)
 
 
 def plan(seed: int, family: str = "mixed", lowering: str = "aot_eager", half: float = HALF_DEFAULT,
-         inductor_every: int = INDUCTOR_EVERY_DEFAULT) -> Plan:
+         inductor_every: int = INDUCTOR_EVERY_DEFAULT, reshape: float = RESHAPE_DEFAULT) -> Plan:
     """Family, dtype and lowering of one seed (a function of the seed and the options only)."""
     rng = random.Random(f"plan:{seed}")
     if family == "mixed":
@@ -144,7 +150,8 @@ def plan(seed: int, family: str = "mixed", lowering: str = "aot_eager", half: fl
     low = lowering
     if lowering == "aot_eager" and inductor_every and seed % inductor_every == inductor_every - 1:
         low = "inductor"
-    return Plan(seed, family, dtype, low)
+    again = family != "legacy" and rng.random() < reshape
+    return Plan(seed, family, dtype, low, again)
 
 
 def build_case(p: Plan) -> Case:
@@ -221,12 +228,9 @@ def _budget(reason: str, allowed) -> bool:
     return any(a in reason for a in allowed)
 
 
-def check_report(case: Case, rep, model_params: int) -> list[tuple[str, str]]:
-    """(category, message) for each inconsistency of the report with the model."""
+def check_report(case: Case, g, model_params: int, expectations: bool = True) -> list[tuple[str, str]]:
+    """(category, message) for each inconsistency of one graph's report with the model."""
     problems: list[tuple[str, str]] = []
-    if len(rep.graphs) != 1:
-        return [("generator", f"{len(rep.graphs)} graphs compiled (graph break?)")]
-    g = rep.graphs[0]
     if g.fallback:
         problems.append(("crash", f"fell back: {g.fallback}"))
     if g.params_before != model_params:
@@ -239,6 +243,8 @@ def check_report(case: Case, rep, model_params: int) -> list[tuple[str, str]]:
     if g.rewrites and read is not None and read != g.params_after:
         problems.append(("report", f"params_after {g.params_after} but the rewritten graph reads {read} "
                                    f"weight elements ({g.params_before} before)"))
+    if not expectations:
+        return problems
     kinds = {r.kind for r in g.rewrites}
     legacy = getattr(case, "legacy_expected", None)
     if legacy is not None:
@@ -316,49 +322,89 @@ def _error(out, ref, eager, bound: float, dtype: torch.dtype) -> tuple[bool, flo
     return e_bd <= limit, e_bd, e_eager, limit
 
 
-def check_case(case: Case, lowering: str, validate: bool = True) -> Outcome:
+def _flat(out) -> list:
+    """Every tensor of a model output (the output itself, then e.g. returned caches)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    return [first_tensor(out)]
+
+
+def _other_shape(args: tuple, gen: torch.Generator) -> tuple:
+    """Inputs with different leading sizes (positions, and batch for 2-D inputs)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() >= 2:
+            shape = list(a.shape)
+            shape[-2] += 3
+            out.append(torch.randn(shape, generator=gen).to(a.dtype))
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def check_case(case: Case, lowering: str, validate: bool = True, reshape: bool = False) -> Outcome:
     model = case.model.eval()
     args = case.args
     dtype = case.dtype
     opts = {**OPTIONS, "lowering": lowering, "validate": validate}
     gen = torch.Generator().manual_seed(12345)
-    args2 = tuple(torch.randn(a.shape, generator=gen).to(a.dtype) if isinstance(a, torch.Tensor)
-                  and a.is_floating_point() else a for a in args)
+    calls = [("", args), (" (second input)", tuple(torch.randn(a.shape, generator=gen).to(a.dtype)
+                                                   if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                                   else a for a in args))]
+    if reshape:
+        calls.append((" (other leading sizes, recompiled)", _other_shape(args, gen)))
     model_params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         try:
             ref_model = copy.deepcopy(model).double()
-            ref = first_tensor(ref_model(*to64(args)))
-            ref2 = first_tensor(ref_model(*to64(args2)))
-            eager = first_tensor(model(*args))
-            eager2 = first_tensor(model(*args2))
+            refs = [_flat(ref_model(*to64(a))) for _, a in calls]
+            eagers = [_flat(model(*a)) for _, a in calls]
         except Exception as e:  # noqa: BLE001 - the generator built a broken model
             return Outcome("generator", f"eager run failed: {type(e).__name__}: {e}")
-        if not all(bool(torch.isfinite(t).all()) for t in (ref, eager, ref2, eager2)):
+        if not all(bool(torch.isfinite(t).all()) for ts in refs + eagers for t in ts):
             return Outcome("generator", "non-finite eager output")
         torch._dynamo.reset()
+        outs: list = []
+        problems: list[tuple[str, str]] = []
         try:
             with bdpass.collect_reports(keep_graphs=True) as rep:
                 compiled = torch.compile(model, backend="bd", options=opts)
-                out = first_tensor(compiled(*args))
-                out2 = first_tensor(compiled(*args2))
+                for tag, a in calls:
+                    outs.append(_flat(compiled(*a)))
         except Exception as e:  # noqa: BLE001 - a fuzz failure to report
             cat = "validation" if _is_validation_error(e) else "crash"
             msg = str(e).strip().splitlines()
-            return Outcome(cat, f"compile failed: {type(e).__name__}: {' | '.join(msg[:3])[:600]}")
+            problems.append((cat, f"compile failed{calls[len(outs)][0]}: {type(e).__name__}: "
+                                  f"{' | '.join(msg[:3])[:600]}"))
+            if not outs:
+                return Outcome(cat, problems[0][1])
+            calls = calls[:len(outs)]           # still check what ran before the failure
         finally:
             torch._dynamo.reset()
-    problems = check_report(case, rep, model_params)
-    bound = max([r.error_bound for r in rep.rewrites] + [1.5])
-    for tag, o, rf, eg in (("", out, ref, eager), (" (second input)", out2, ref2, eager2)):
-        if o.shape != rf.shape:
-            problems.append(("wrong", f"output shape {tuple(o.shape)} != {tuple(rf.shape)}{tag}"))
+    want_graphs = 2 if len(calls) > 2 else 1
+    if len(rep.graphs) < want_graphs:
+        return Outcome("generator", f"{len(rep.graphs)} graphs compiled, expected {want_graphs} (graph break?)")
+    problems += check_report(case, rep.graphs[0], model_params)
+    for g in rep.graphs[1:want_graphs]:
+        problems += [(c, f"{m} (recompiled graph)") for c, m in check_report(case, g, model_params, False)]
+    for i, ((tag, _), out, ref, eager) in enumerate(zip(calls, outs, refs, eagers)):
+        g = rep.graphs[min(i, len(rep.graphs) - 1)]
+        bound = max([r.error_bound for r in g.rewrites] + [1.5])
+        if len(out) != len(ref):
+            problems.append(("wrong", f"{len(out)} outputs != {len(ref)}{tag}"))
             continue
-        ok, e_bd, e_eager, limit = _error(o, rf, eg, bound, dtype)
-        if not ok:
-            problems.append(("wrong", f"error {e_bd:.3g} > {limit:.3g} = bound {bound:.3g} x max(eager "
-                                      f"{e_eager:.3g}, 8u){tag}; rewrites "
-                                      f"{sorted(Counter(r.kind for r in rep.rewrites).items())}"))
+        for j, (o, rf, eg) in enumerate(zip(out, ref, eager)):
+            what = f"output {j}{tag}"
+            if o.shape != rf.shape:
+                problems.append(("wrong", f"{what}: shape {tuple(o.shape)} != {tuple(rf.shape)}"))
+                continue
+            ok, e_bd, e_eager, limit = _error(o, rf, eg, bound, dtype)
+            if not ok:
+                problems.append(("wrong", f"{what}: error {e_bd:.3g} > {limit:.3g} = bound {bound:.3g} x max("
+                                          f"eager {e_eager:.3g}, 8u); rewrites "
+                                          f"{sorted(Counter(r.kind for r in g.rewrites).items())}"))
     notes = tuple(m for c, m in problems if c == "note")
     applied = tuple(r.kind for r in rep.rewrites)
     problems = [p for p in problems if p[0] != "note"]
@@ -375,7 +421,7 @@ def run_plan(p: Plan, validate: bool = True) -> Outcome:
         case = build_case(p)
     except Exception as e:  # noqa: BLE001
         return Outcome("generator", f"building the case failed: {type(e).__name__}: {e}", time.time() - t0)
-    out = check_case(case, p.lowering, validate)
+    out = check_case(case, p.lowering, validate, p.reshape)
     out.seconds = time.time() - t0
     out.message = f"{out.message} ; case: {case.desc}" if out.category else ""
     return out
@@ -384,7 +430,7 @@ def run_plan(p: Plan, validate: bool = True) -> Outcome:
 def run_case(seed: int, lowering: str = "aot_eager", family: str = "legacy") -> str | None:
     """None if the case passes, else a description of the failure (the original generator by
     default; ``family="mixed"`` or a name of ``FAMILY_WEIGHTS`` for the composed ones)."""
-    p = plan(seed, family, lowering, inductor_every=0)
+    p = plan(seed, family, lowering, inductor_every=0, reshape=0.0)
     o = run_plan(p)
     if o.category is None:
         return None
@@ -400,6 +446,8 @@ def main() -> None:
     ap.add_argument("--inductor-every", type=int, default=INDUCTOR_EVERY_DEFAULT,
                     help="with --lowering aot_eager, lower every N-th seed with inductor (0: never)")
     ap.add_argument("--half", type=float, default=HALF_DEFAULT, help="fraction of cases in bf16/fp16")
+    ap.add_argument("--reshape", type=float, default=RESHAPE_DEFAULT,
+                    help="fraction of cases also called with other leading sizes (a recompiled, dynamic graph)")
     ap.add_argument("--no-validate", action="store_true",
                     help="compile without the pass's float64 validation (to see a wrong rewrite's output)")
     a = ap.parse_args()
@@ -412,8 +460,9 @@ def main() -> None:
     failures = []
     t0 = time.time()
     for s in range(a.seed, a.seed + a.cases):
-        p = plan(s, a.family, a.lowering, a.half, a.inductor_every)
-        o = run_plan(p, validate=not a.no_validate)
+        p = plan(s, a.family, a.lowering, a.half, a.inductor_every, a.reshape)
+        with contextlib.redirect_stderr(io.StringIO()):      # torch prints failing FX code there
+            o = run_plan(p, validate=not a.no_validate)
         cat = o.category or "passed"
         for n in o.notes:
             notes[n.split(" (")[0] if n.startswith("pifa grows") else n] += 1
@@ -423,10 +472,13 @@ def main() -> None:
         fam = per_family.setdefault(p.family, Counter())
         fam[cat] += 1
         fam[f"{str(p.dtype)[6:]}/{p.lowering}"] += 1
+        fam["reshaped"] += p.reshape
         if o.category:
-            line = (f"seed {s} [{p.family} {str(p.dtype)[6:]} {p.lowering}] {o.category}: {o.message}\n"
+            line = (f"seed {s} [{p.family} {str(p.dtype)[6:]} {p.lowering}{' reshaped' if p.reshape else ''}] "
+                    f"{o.category}: {o.message}\n"
                     f"    rerun: python tests/fuzz.py --cases 1 --seed {s} --family {a.family} "
-                    f"--lowering {a.lowering} --inductor-every {a.inductor_every} --half {a.half}")
+                    f"--lowering {a.lowering} --inductor-every {a.inductor_every} --half {a.half} "
+                    f"--reshape {a.reshape}")
             failures.append(line)
             print(line, flush=True)
         if (s - a.seed + 1) % 50 == 0:
