@@ -277,3 +277,33 @@ def test_first_order_factors():
     V[2, rows[0]] = V[2, rows[1]]                            # a singular block in head 2
     assert math.isinf(first_order_factors(V, rows)[2])
     assert max_cond(V, rows) > 1e15
+
+
+def test_expected_growth_predicts_measured_logit_error():
+    """Per head, the float32 error of the rewritten scores Q' K'^T against float64 grows
+    over the original's by about sqrt(1 + e_h^2)."""
+    from bdpass.identities import expected_growth
+    H, d_in, d_h, T = 8, 256, 64, 128
+    W = heads(13, H, d_in, d_h)
+    g = torch.Generator().manual_seed(14)
+    Wq = torch.randn(H, d_in, d_h, generator=g, dtype=F64) / d_in ** 0.5
+    xk = torch.randn(T, d_in, generator=g, dtype=F64)
+    xq = torch.randn(T, d_in, generator=g, dtype=F64)
+    ref = torch.einsum("td,hdk->htk", xq, Wq) @ torch.einsum("td,hdk->htk", xk, W).transpose(1, 2)
+
+    def err(S):
+        return (S.double() - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2))
+
+    f32 = torch.float32
+    orig = err(torch.einsum("td,hdk->htk", xq.to(f32), Wq.to(f32))
+               @ torch.einsum("td,hdk->htk", xk.to(f32), W.to(f32)).transpose(1, 2))
+    for rows in (shared_rows(W, init="qr", max_steps=0)[0], shared_rows(W, max_seconds=60.0)[0]):
+        e = torch.tensor(expected_growth(W, rows), dtype=F64)
+        assert bool((e <= torch.linalg.cond(W[:, rows]) * (1 + 1e-12)).all())
+        f = bd_factors_with_rows(W, rows, dtype=f32)
+        Wq2 = (Wq @ f.basis64.transpose(1, 2)).to(f32)
+        x = xk.to(f32)
+        Kp = x[:, f.rows].permute(1, 0, 2) + torch.bmm(x[:, f.rest_rows].permute(1, 0, 2), f.w_rest)
+        growth = err(torch.einsum("td,hdk->htk", xq.to(f32), Wq2) @ Kp.transpose(1, 2)) / orig
+        k = (growth.square() - 1).clamp_min(0).sqrt() / e
+        assert bool((k > 0.5).all()) and bool((k < 1.6).all()), k

@@ -18,7 +18,7 @@ from .pivots import (
     pivoted_qr,
     unit_roundoff,
 )
-from .shared import first_order_factors, grouped_rows, max_cond, shared_rows
+from .shared import expected_growth, first_order_factors, grouped_rows, max_cond, shared_rows
 
 __all__ = [
     "BdFactors",
@@ -36,6 +36,7 @@ __all__ = [
     "pivoted_qr",
     "reference_rows",
     "unit_roundoff",
+    "expected_growth",
     "first_order_factors",
     "grouped_rows",
     "max_cond",
