@@ -207,7 +207,7 @@ def test_refuses_when_no_shared_block_is_invertible():
     W[1, 3:] = torch.eye(3, dtype=F64)
     with pytest.raises(FactorizationError, match="invertible"):
         shared_rows(W)
-    groups, rows = grouped_rows(W, 2)                    # one set per head works
+    _, rows = grouped_rows(W, 2)                         # one set per head works
     assert rows.tolist() == [[0, 1, 2], [3, 4, 5]]
 
 

@@ -51,7 +51,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import torch
 
@@ -84,7 +85,7 @@ def _orthonormal(W64: torch.Tensor) -> torch.Tensor:
     """Per head an orthonormal basis of the column space (H, d_in, d_h); raises on a
     rank-deficient head (relative tolerance ``max(d_in, d_h) * eps``, as for a
     rank-revealing QR)."""
-    H, d_in, d_h = W64.shape
+    _, d_in, d_h = W64.shape
     Q, R = torch.linalg.qr(W64)
     s = torch.linalg.svdvals(R)                              # the singular values of W_h
     tol = max(d_in, d_h) * _EPS64
@@ -122,7 +123,7 @@ def first_order_factors(W: torch.Tensor, rows: torch.Tensor) -> list[float]:
     C, info = torch.linalg.solve_ex(B, W64, left=False)      # W B^-1
     bad = (info != 0) | ~torch.isfinite(C).all(dim=(1, 2))
     C = torch.where(bad[:, None, None], torch.zeros_like(C), C)
-    n2 = lambda M: torch.linalg.matrix_norm(M, ord=2)        # noqa: E731
+    n2 = lambda M: torch.linalg.matrix_norm(M, ord=2)
     g = n2(C) * n2(B) / n2(W64)
     g = torch.where(~bad & torch.isfinite(g), g, torch.full_like(g, math.inf))
     return g.tolist()
@@ -144,7 +145,7 @@ def expected_growth(W: torch.Tensor, rows: torch.Tensor) -> list[float]:
     r = torch.as_tensor(rows).to(torch.int64).cpu()
     B = W64[:, r, :] if r.dim() == 1 else W64[torch.arange(W64.shape[0])[:, None], r, :]
     C, info = torch.linalg.solve_ex(B, W64, left=False)      # W B^-1
-    nF = lambda M: torch.linalg.matrix_norm(M)                # noqa: E731
+    nF = lambda M: torch.linalg.matrix_norm(M)
     e = nF(C) * nF(B) / (nF(W64) * math.sqrt(W64.shape[2]))
     bad = (info != 0) | ~torch.isfinite(e)
     return torch.where(bad, torch.full_like(e, math.inf), e).tolist()
@@ -348,7 +349,7 @@ def _phi(k2: torch.Tensor, top: float) -> torch.Tensor:
 def _search(W64: torch.Tensor, rows: torch.Tensor, *, max_steps: int, refresh: int,
             screen_heads: int, screen_pairs: int, kicks: int, kick_size: int,
             gen: torch.Generator, deadline: float) -> torch.Tensor:
-    H, d_in, d_h = W64.shape
+    H, _, d_h = W64.shape
     st = _State(W64, rows)
     if not st.ok:
         return torch.sort(rows).values
