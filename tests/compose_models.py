@@ -53,6 +53,8 @@ class ChainExpect:
     r: int = 0
     d_out: int = 0
     bias: bool = False             # either linear has a bias
+    shared: tuple = ()             # weights also read by other linears (a shared basis, a tied pair):
+                                   # a skip whose reason names one of them is a legitimate decision
 
 
 @dataclass
@@ -77,13 +79,19 @@ class Case:
     def expectations(self) -> None:
         """Fill ``chains``/``attns`` from the modules (call after building)."""
         self.chains, self.attns = [], []
+        tied: list[str] = []
         for path, m in self.model.named_modules():
             if isinstance(m, LowRank):
                 self.chains.append(m.expect(path))
+            if isinstance(m, TiedStack):
+                tied.append(f"{path}.pair" if path else "pair")
             if isinstance(m, SharedBasisStack):
                 self.chains.extend(m.expect(path))
             if isinstance(m, (Attention, MLA)):
                 self.attns.append(m.expect(path))
+        for c in self.chains:
+            if c.key in tied:
+                c.shared = c.weights
 
 
 # ------------------------------------------------------------------------------ low-rank pairs
@@ -604,6 +612,7 @@ class SharedBasisStack(nn.Module):
             else:
                 status = "skip:other users" if legal else "any"
             out.append(ChainExpect(key=f"{pre}coefs.{i}", weights=(bw, cw), status=status,
+                                   shared=(bw,) if len(self.outs) > 1 else (),
                                    params=basis_params + sum(p.numel() for p in coef.parameters()) + absorbed[i],
                                    d_in=self.d, r=self.r, d_out=o,
                                    bias=basis_bias or coef.has_bias or absorbed[i] > 0))

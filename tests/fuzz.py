@@ -49,7 +49,9 @@ raise) and checked:
   after = those the rewritten graph actually reads (parameters plus derived factors), each
   PIFA record's counts match its pair, no rewrite where none is legal;
 * what can be predicted is there (``missed``): every low-rank pair is rewritten or skipped
-  for a numerical reason (or skipped with the expected reason, e.g. a shared intermediate);
+  for a numerical reason (or skipped with the expected reason, e.g. a shared intermediate;
+  a pair reading a weight that other linears also read may instead be skipped with a reason
+  naming that weight);
   BD on attention blocks whose projections are dense, where legal.
 
 Exit status is non-zero if any case fails; each failure is printed with its seed and the
@@ -284,7 +286,9 @@ def check_report(case: Case, g, model_params: int, expectations: bool = True) ->
             continue
         mine = [s for s in pifa_skips if _names_site(s.site, c.key)]
         if c.status == "apply":
-            if any(_budget(s.reason, PIFA_KNOWN_LIMITS) for s in mine):
+            if c.shared and any(w in s.reason for s in mine for w in c.shared):
+                problems.append(("note", "pifa skipped: a weight is shared with other linears"))
+            elif any(_budget(s.reason, PIFA_KNOWN_LIMITS) for s in mine):
                 why = next(s.reason for s in mine if _budget(s.reason, PIFA_KNOWN_LIMITS))
                 problems.append(("note", "pifa skipped, documented limit: " + why.split(" ", 1)[-1]))
             elif not any(_budget(s.reason, PIFA_BUDGET_REASONS) for s in mine):
