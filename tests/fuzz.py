@@ -33,7 +33,9 @@ Families (``--family``; ``mixed``, the default, draws one per seed, see ``FAMILY
 
 A minority of cases (``--half``) run in bfloat16/float16; every ``--inductor-every``-th seed
 is lowered by Inductor instead of ``--lowering``; a fraction (``--reshape``) is also called with
-other leading sizes, which Dynamo compiles again as a dynamic-shape graph. Attention blocks
+other leading sizes, which Dynamo compiles again as a dynamic-shape graph; a fraction
+(``--update``) then has every weight changed in place and is called again (the factors must be
+recomputed: judged against a float64 run of the new weights). Attention blocks
 sometimes also return their keys (and values) as a KV cache would; every output is compared.
 
 Each case is compiled with ``backend="bd"`` (``cost_model`` off and ``min_saving`` 0, so
@@ -87,6 +89,7 @@ SEVERITY = ("crash", "validation", "wrong", "report", "missed", "generator")
 HALF_DEFAULT = 0.12
 INDUCTOR_EVERY_DEFAULT = 10
 RESHAPE_DEFAULT = 0.2
+UPDATE_DEFAULT = 0.15
 
 
 def make_case(seed: int):
@@ -135,10 +138,12 @@ class Plan:
     dtype: torch.dtype
     lowering: str
     reshape: bool = False       # also call with other leading sizes (Dynamo recompiles, dynamic shapes)
+    update: bool = False        # then change every weight in place and call again (factors refreshed)
 
 
 def plan(seed: int, family: str = "mixed", lowering: str = "aot_eager", half: float = HALF_DEFAULT,
-         inductor_every: int = INDUCTOR_EVERY_DEFAULT, reshape: float = RESHAPE_DEFAULT) -> Plan:
+         inductor_every: int = INDUCTOR_EVERY_DEFAULT, reshape: float = RESHAPE_DEFAULT,
+         update: float = UPDATE_DEFAULT) -> Plan:
     """Family, dtype and lowering of one seed (a function of the seed and the options only)."""
     rng = random.Random(f"plan:{seed}")
     if family == "mixed":
@@ -153,7 +158,8 @@ def plan(seed: int, family: str = "mixed", lowering: str = "aot_eager", half: fl
     if lowering == "aot_eager" and inductor_every and seed % inductor_every == inductor_every - 1:
         low = "inductor"
     again = family != "legacy" and rng.random() < reshape
-    return Plan(seed, family, dtype, low, again)
+    upd = family != "legacy" and rng.random() < update
+    return Plan(seed, family, dtype, low, again, upd)
 
 
 def build_case(p: Plan) -> Case:
@@ -348,7 +354,18 @@ def _other_shape(args: tuple, gen: torch.Generator) -> tuple:
     return tuple(out)
 
 
-def check_case(case: Case, lowering: str, validate: bool = True, reshape: bool = False) -> Outcome:
+def _perturb_weights(model: torch.nn.Module) -> None:
+    """Change every parameter in place (noise of 5% of its mean magnitude): what an optimizer
+    step or ``load_state_dict`` of other weights does; pivots may change."""
+    g = torch.Generator().manual_seed(777)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = float(p.detach().abs().double().mean()) or 1.0
+            p.add_((torch.randn(p.shape, generator=g) * (0.05 * scale)).to(p.dtype))
+
+
+def check_case(case: Case, lowering: str, validate: bool = True, reshape: bool = False,
+               update: bool = False) -> Outcome:
     model = case.model.eval()
     args = case.args
     dtype = case.dtype
@@ -372,15 +389,23 @@ def check_case(case: Case, lowering: str, validate: bool = True, reshape: bool =
         torch._dynamo.reset()
         outs: list = []
         problems: list[tuple[str, str]] = []
+        updated = None
         try:
             with bdpass.collect_reports(keep_graphs=True) as rep:
                 compiled = torch.compile(model, backend="bd", options=opts)
                 for tag, a in calls:
                     outs.append(_flat(compiled(*a)))
+                if update:
+                    _perturb_weights(model)
+                    ref_u = _flat(copy.deepcopy(model).double()(*to64(args)))
+                    eager_u = _flat(model(*args))
+                    n_graphs = len(rep.graphs)
+                    updated = (_flat(compiled(*args)), ref_u, eager_u, len(rep.graphs) - n_graphs)
         except Exception as e:  # noqa: BLE001 - a fuzz failure to report
             cat = "validation" if _is_validation_error(e) else "crash"
             msg = str(e).strip().splitlines()
-            problems.append((cat, f"compile failed{calls[len(outs)][0]}: {type(e).__name__}: "
+            where = calls[len(outs)][0] if len(outs) < len(calls) else " (after an in-place weight update)"
+            problems.append((cat, f"compile failed{where}: {type(e).__name__}: "
                                   f"{' | '.join(msg[:3])[:600]}"))
             if not outs:
                 return Outcome(cat, problems[0][1])
@@ -409,6 +434,8 @@ def check_case(case: Case, lowering: str, validate: bool = True, reshape: bool =
                 problems.append(("wrong", f"{what}: error {e_bd:.3g} > {limit:.3g} = bound {bound:.3g} x max("
                                           f"eager {e_eager:.3g}, 8u); rewrites "
                                           f"{sorted(Counter(r.kind for r in g.rewrites).items())}"))
+    if updated is not None:
+        problems += _check_update(model, args, opts, dtype, *updated)
     notes = tuple(m for c, m in problems if c == "note")
     applied = tuple(r.kind for r in rep.rewrites)
     problems = [p for p in problems if p[0] != "note"]
@@ -419,13 +446,37 @@ def check_case(case: Case, lowering: str, validate: bool = True, reshape: bool =
                    applied=applied)
 
 
+def _check_update(model, args, opts, dtype, out, ref, eager, recompiled: int) -> list[tuple[str, str]]:
+    """The compiled model after its weights changed in place must compute with the new weights:
+    its error is judged with the error bounds of a fresh compile of the new weights."""
+    with torch.no_grad():
+        torch._dynamo.reset()
+        try:
+            with bdpass.collect_reports() as fresh:
+                torch.compile(copy.deepcopy(model), backend="bd", options=opts)(*args)
+        except Exception as e:  # noqa: BLE001
+            return [("crash", f"fresh compile of the updated weights failed: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:300]}")]
+        finally:
+            torch._dynamo.reset()
+    bound = max([r.error_bound for r in fresh.rewrites] + [1.5])
+    problems = []
+    for j, (o, rf, eg) in enumerate(zip(out, ref, eager)):
+        ok, e_bd, e_eager, limit = _error(o, rf, eg, bound, dtype)
+        if not ok:
+            problems.append(("wrong", f"output {j} after an in-place weight update{' (recompiled)' if recompiled else ''}"
+                                      f": error {e_bd:.3g} > {limit:.3g} = bound {bound:.3g} x max(eager "
+                                      f"{e_eager:.3g}, 8u) (stale factors?)"))
+    return problems
+
+
 def run_plan(p: Plan, validate: bool = True) -> Outcome:
     t0 = time.time()
     try:
         case = build_case(p)
     except Exception as e:  # noqa: BLE001
         return Outcome("generator", f"building the case failed: {type(e).__name__}: {e}", time.time() - t0)
-    out = check_case(case, p.lowering, validate, p.reshape)
+    out = check_case(case, p.lowering, validate, p.reshape, p.update)
     out.seconds = time.time() - t0
     out.message = f"{out.message} ; case: {case.desc}" if out.category else ""
     return out
@@ -434,7 +485,7 @@ def run_plan(p: Plan, validate: bool = True) -> Outcome:
 def run_case(seed: int, lowering: str = "aot_eager", family: str = "legacy") -> str | None:
     """None if the case passes, else a description of the failure (the original generator by
     default; ``family="mixed"`` or a name of ``FAMILY_WEIGHTS`` for the composed ones)."""
-    p = plan(seed, family, lowering, inductor_every=0, reshape=0.0)
+    p = plan(seed, family, lowering, inductor_every=0, reshape=0.0, update=0.0)
     o = run_plan(p)
     if o.category is None:
         return None
@@ -452,6 +503,8 @@ def main() -> None:
     ap.add_argument("--half", type=float, default=HALF_DEFAULT, help="fraction of cases in bf16/fp16")
     ap.add_argument("--reshape", type=float, default=RESHAPE_DEFAULT,
                     help="fraction of cases also called with other leading sizes (a recompiled, dynamic graph)")
+    ap.add_argument("--update", type=float, default=UPDATE_DEFAULT,
+                    help="fraction of cases whose weights then change in place before another call")
     ap.add_argument("--no-validate", action="store_true",
                     help="compile without the pass's float64 validation (to see a wrong rewrite's output)")
     a = ap.parse_args()
@@ -464,7 +517,7 @@ def main() -> None:
     failures = []
     t0 = time.time()
     for s in range(a.seed, a.seed + a.cases):
-        p = plan(s, a.family, a.lowering, a.half, a.inductor_every, a.reshape)
+        p = plan(s, a.family, a.lowering, a.half, a.inductor_every, a.reshape, a.update)
         with contextlib.redirect_stderr(io.StringIO()):      # torch prints failing FX code there
             o = run_plan(p, validate=not a.no_validate)
         cat = o.category or "passed"
@@ -477,12 +530,14 @@ def main() -> None:
         fam[cat] += 1
         fam[f"{str(p.dtype)[6:]}/{p.lowering}"] += 1
         fam["reshaped"] += p.reshape
+        fam["updated"] += p.update
         if o.category:
-            line = (f"seed {s} [{p.family} {str(p.dtype)[6:]} {p.lowering}{' reshaped' if p.reshape else ''}] "
+            line = (f"seed {s} [{p.family} {str(p.dtype)[6:]} {p.lowering}{' reshaped' if p.reshape else ''}"
+                    f"{' updated' if p.update else ''}] "
                     f"{o.category}: {o.message}\n"
                     f"    rerun: python tests/fuzz.py --cases 1 --seed {s} --family {a.family} "
                     f"--lowering {a.lowering} --inductor-every {a.inductor_every} --half {a.half} "
-                    f"--reshape {a.reshape}")
+                    f"--reshape {a.reshape} --update {a.update}")
             failures.append(line)
             print(line, flush=True)
         if (s - a.seed + 1) % 50 == 0:
