@@ -79,6 +79,22 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport,
     report.params_before = weight_numel(params)
     report.params_after = report.params_before
     linears = find_linears(gm, params)
+    # weights read by several linear sites (a basis shared by layers, tied layers): a rewrite
+    # of one use would store its own derived copy while the others keep the original
+    readers: dict[int, set] = {}
+    for s in linears:
+        for p in (s.weight, s.bias):
+            if p is not None:
+                readers.setdefault(p.index, set()).add(s.core)
+
+    def shared_weight(sites) -> str | None:
+        cores = {s.core for s in sites}
+        for s in sites:
+            for p in (s.weight, s.bias):
+                if p is not None and readers[p.index] - cores:
+                    return (f"{p.name} is also read by another linear (a shared basis or tied layers): "
+                            f"rewriting would keep it and add a derived copy")
+        return None
     editor: GraphEditor | None = None
     records: list = []
     units: list[frozenset[str]] = []
@@ -88,12 +104,14 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport,
         report.skipped.extend(skips)
         kept = []
         for c in found:
-            why = exclude.get(c.first.core.name) or exclude.get(c.second.core.name)
+            why = exclude.get(c.first.core.name) or exclude.get(c.second.core.name) or \
+                shared_weight([c.first, c.second])
             if why:
-                report.skipped.append(SkipRecord(pifa_rw.KIND, c.site, why))
+                report.skipped.append(SkipRecord(pifa_rw.KIND, c.site, why,
+                                                 nodes=[c.first.core.name, c.second.core.name]))
             else:
                 kept.append(c)
-        chains, factors, links, skips = pifa_rw.select_chains(kept, example_inputs, opts.error_budget,
+        chains, factors, links, skips = pifa_rw.select_chains(kept, example_inputs, opts.budget_for,
                                                               opts.min_saving, opts.cost_model)
         report.skipped.extend(skips)
         producer_of = {c: p for p, c in links.items()}
@@ -101,7 +119,7 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport,
             if editor is None:
                 editor = GraphEditor(gm, example_inputs)
             prod = chains[producer_of[k]] if k in producer_of else None
-            records.append(pifa_rw.apply_chain(editor, chain, len(records), opts.error_budget,
+            records.append(pifa_rw.apply_chain(editor, chain, len(records), opts.budget_for,
                                                producer=prod, restore_order=k not in links,
                                                factors=factors[k]))
             linked = [chain] + ([prod] if prod is not None else []) + \
@@ -113,19 +131,21 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport,
 
         used = {n for c in (chains if opts.pifa else []) for n in (c.first.core, c.second.core)}
         bd_sites = [s for s in linears if s.core not in used]
-        layout = analyze(gm, bd_sites)
-        comps, skips = bd_plan.plan(layout, bd_sites, opts.bd_qk, opts.bd_vo)
+        layout = analyze(gm, bd_sites, example_inputs)
+        comps, skips = bd_plan.plan(layout, bd_sites, opts.bd_qk, opts.bd_vo, min_saving=opts.min_saving,
+                                    reshaped_sites=True)
         report.skipped.extend(skips)
         for comp in comps:
             names = frozenset(bd_sites[i].core.name for i in comp.linears)
-            why = next((exclude[n] for n in sorted(names) if n in exclude), None)
+            why = next((exclude[n] for n in sorted(names) if n in exclude), None) or \
+                shared_weight([bd_sites[i] for i in comp.linears])
             if why:
-                report.skipped.extend(SkipRecord(g.kind, g.site, why)
-                                      for g in bd_attention._one_per_site(comp.groups))
+                report.skipped.extend(bd_attention.skips_for(comp.groups, why))
                 continue
             if editor is None:
                 editor = GraphEditor(gm, example_inputs)
-            recs, skips = bd_attention.apply_component(editor, comp, bd_sites, len(records), opts.error_budget,
+            budget = opts.budget_for(bd_sites[comp.linears[0]].weight.tensor.dtype)
+            recs, skips = bd_attention.apply_component(editor, comp, bd_sites, len(records), budget,
                                                       opts.cost_model)
             report.skipped.extend(skips)
             records.extend(recs)
@@ -147,7 +167,10 @@ def _validated_rewrite(gm, example_inputs, opts: BDOptions, index: int):
 
     exclude: dict[str, str] = {}
     state = {"seconds": 0.0, "reference": None}
-    weights = {p.index for p in find_params(gm, example_inputs).values()}
+    params = find_params(gm, example_inputs)
+    weights = {p.index for p in params.values()}
+    budget = min([opts.budget_for(p.tensor.dtype) for p in params.values() if p.tensor.is_floating_point()]
+                 or [opts.budget_for(None)])
 
     def check(editor, new_gm, new_inputs, records) -> tuple[str | None, dict | None, float]:
         """(why it fails or None, measured errors, float64 tolerance)."""
@@ -162,9 +185,9 @@ def _validated_rewrite(gm, example_inputs, opts: BDOptions, index: int):
         state["seconds"] += dt
         growth = e1 / max(e0, val.error_floor(example_inputs))
         errors = {"original": e0, "rewritten": e1, "growth": growth}
-        if growth > opts.error_budget:
+        if growth > budget:
             return (f"validation: the rewritten graph's output error {e1:.2e} is {growth:.3g}x the original's "
-                    f"{e0:.2e}, over the error budget {opts.error_budget:g}"), errors, tol
+                    f"{e0:.2e}, over the error budget {budget:g}"), errors, tol
         return None, errors, tol
 
     while True:

@@ -22,8 +22,9 @@ class RewriteRecord:
     params_after: int
     flops_saved: int          # per token
     cond: float
-    error_bound: float
+    error_bound: float                # worst-case first-order growth of rounding error
     details: dict = field(default_factory=dict)
+    expected_growth: float = float("nan")   # typical growth of rounding error (what the budget limits)
 
     @property
     def params_saved(self) -> int:
@@ -176,10 +177,11 @@ def format_report(report: Report) -> str:
         lines.append("Rewrites")
         rows = [[r.kind, r.site, f"{r.params_before:,}", f"{r.params_after:,}",
                  f"{100.0 * r.params_saved / max(r.params_before, 1):.1f}%",
-                 f"{r.flops_saved:,}", _fmt_num(r.cond), _fmt_num(r.error_bound)]
+                 f"{r.flops_saved:,}", _fmt_num(r.cond), _fmt_num(r.error_bound), _fmt_num(r.expected_growth),
+                 str(r.details.get("form", ""))]
                 for r in report.rewrites]
         lines += _table(["kind", "site", "params before", "after", "saved", "flops saved/token",
-                         "cond", "error bound"], rows)
+                         "cond", "error bound", "growth", "form"], rows)
     if report.skipped:
         lines.append("")
         lines.append("Skipped")

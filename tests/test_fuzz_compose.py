@@ -24,11 +24,6 @@ def _case(family: str, seed: int, dtype=F32, lowering: str = "aot_eager", reshap
     return pytest.param(Plan(seed, family, dtype, lowering, reshape, update), id=name, marks=marks)
 
 
-SHARED_WEIGHTS_REPORT = ("report: a weight read by several chains (a shared basis, a tied pair) is counted in full "
-                         "by each chain's params_before, so params_after is not what the rewritten graph reads and "
-                         "the rewrite can grow the weights (bdpass/rewrites/pifa.py apply_chain and decide_chain, "
-                         "bdpass/backend.py plan_and_rewrite)")
-
 CI_CASES = [
     # chains feeding chains: einsum over heads, singular-value vector, ops inside pairs, rank 1
     _case("chain_chain", 1), _case("chain_chain", 2), _case("chain_chain", 3), _case("chain_chain", 7),
@@ -44,8 +39,8 @@ CI_CASES = [
     _case("lowrank_attn", 9, reshape=True), _case("chain_chain", 6, reshape=True),
     _case("chain_chain", 1, update=True), _case("blocks", 2, update=True),     # weights changed after compiling
     _case("chain_chain", 7, F32, "inductor"), _case("blocks", 10, F32, "inductor"),
-    # known defects of the pass
-    _case("shared", 1, xfail=SHARED_WEIGHTS_REPORT), _case("shared", 7, xfail=SHARED_WEIGHTS_REPORT),
+    # a weight read by several chains (shared basis, tied pair): refused, weights never grow
+    _case("shared", 1), _case("shared", 7),
 ]
 
 

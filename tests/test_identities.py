@@ -256,13 +256,37 @@ def test_pifa_refuses_rank_deficient_B():
 
 
 def test_pifa_refuses_over_budget():
+    """The budget limits the expected growth sqrt(1 + ||C'||_F^2 / d_out), which lies between
+    1 and the worst-case bound 1 + ||C'||_2."""
     _, A, B, _, _ = pifa_inputs(6, 64, 64, 16, "")
-    bound = pifa_factors(A, B).error_bound
+    f = pifa_factors(A, B)
+    growth = f.expected_growth
+    C = f.coeff.double()
+    assert growth == pytest.approx(math.sqrt(1 + float(torch.linalg.matrix_norm(C)) ** 2 / 64))
+    assert 1 < growth < f.error_bound
     with pytest.raises(FactorizationError, match="exceeds budget") as info:
-        pifa_factors(A, B, error_budget=bound / 2)
-    assert str(info.value).startswith("error bound ")
+        pifa_factors(A, B, error_budget=growth / 1.01)
+    assert str(info.value).startswith("expected error growth ")
     assert isinstance(info.value, ValueError)
-    assert pifa_factors(A, B, error_budget=bound * 1.01).error_bound == pytest.approx(bound)
+    assert pifa_factors(A, B, error_budget=growth * 1.01).expected_growth == pytest.approx(growth)
+
+
+def test_pifa_expected_growth_predicts_the_measured_growth():
+    """On random weights the rewritten chain's float32 error grows by close to the expected
+    growth (within a factor of 1.5), far below the worst-case bound."""
+    torch.manual_seed(3)
+    d, r = 512, 256
+    A, B = torch.randn(d, r) / d ** 0.5, torch.randn(r, d) / r ** 0.5
+    x = torch.randn(256, d)
+    ref = (x.double() @ A.double()) @ B.double()
+    f = pifa_factors(A, B, dtype=torch.float32)
+    yp = x @ f.w_pivot
+    y = torch.cat([yp, yp @ f.coeff], -1)[:, f.inv_perm]
+
+    def rel(a):
+        return float((a.double() - ref).norm() / ref.norm())
+    growth = rel(y) / rel((x @ A) @ B)
+    assert f.expected_growth / 1.5 < growth < 1.5 * f.expected_growth < f.error_bound / 3
 
 
 # ============================================================================ BD
@@ -508,10 +532,14 @@ def test_bd_refuses():
     zero_rows[0, :8] = 0.0
     with pytest.raises(FactorizationError, match="singular"):
         bd_factors_with_rows(zero_rows, torch.arange(8))
-    bound = bd_factors(W).error_bound
+    f = bd_factors(W)
+    growth = f.expected_growth
+    assert growth == pytest.approx(max(f.expected)) and 1 <= growth <= f.error_bound
+    from bdpass.identities import expected_growth
+    assert f.expected == pytest.approx(expected_growth(W, f.rows), rel=1e-9)
     with pytest.raises(FactorizationError, match="exceeds budget"):
-        bd_factors(W, error_budget=bound / 2)
-    assert bd_factors(W, error_budget=bound * 1.01).error_bound == pytest.approx(bound)
+        bd_factors(W, error_budget=growth / 1.01)
+    assert bd_factors(W, error_budget=growth * 1.01).expected_growth == pytest.approx(growth)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

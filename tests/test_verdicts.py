@@ -330,7 +330,6 @@ def test_bd_min_saving_default_in_the_report():
     assert {s.kind for s in rep.skipped} == {"bd_qk", "bd_vo"} and all("min_saving" in s.reason for s in rep.skipped)
 
 
-@pytest.mark.xfail(strict=True, reason="backend.plan_and_rewrite does not pass opts.min_saving to bd_plan.plan yet")
 def test_bd_min_saving_option_reaches_the_planner():
     model, x = _narrow_heads()
     rep = bdpass.explain(model, x, options={"lowering": "aot_eager", "cost_model": False, "min_saving": 0.0})

@@ -48,8 +48,9 @@ BD spans
     (the output-projection replacement, the scores), which is against the original.
 
 Divergence rule
-    The backend option ``error_budget`` (``B``, default 100) is the largest factor by which
-    a rewrite may multiply the rounding error of the computation it replaces. With ``u``
+    The backend's error budget for the model dtype (``B``: option ``error_budget``, by default
+    100 in float32 and 8 in bfloat16/float16) is the largest factor by which a rewrite may
+    multiply the rounding error of the computation it replaces. With ``u``
     the unit roundoff of the model dtype (``finfo.eps / 2``: 6.0e-8 for float32, 3.9e-3
     for bfloat16, 4.9e-4 for float16), a node (untouched, or a replacement paired with its
     origin) *diverges* when::
@@ -330,7 +331,7 @@ def build_diff(report: Report, options: Any = None) -> Diff:
         graphs.append(gd)
     dtype = max(numels, key=lambda d: numels[d]) if numels else None
     u = float(torch.finfo(dtype).eps) / 2 if dtype is not None else None
-    floor = opts.error_budget * u if u is not None else None
+    floor = opts.budget_for(dtype) * u if u is not None else None
     for gd in graphs:
         if gd.report.graphs_kept is not None:
             try:

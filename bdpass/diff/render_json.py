@@ -69,7 +69,7 @@ def diff_to_dict(d: "Diff") -> dict:
     out = {
         "format": FORMAT, "version": VERSION,
         "dtype": d.dtype, "unit_roundoff": d.unit_roundoff, "floor": d.floor,
-        "error_budget": d.options.error_budget,
+        "error_budget": d.options.error_budget,     # None: per-dtype default (floor holds the value used)
         "divergence_rule": "new.rel_l2 > max(2 * orig.rel_l2, error_budget * unit_roundoff)",
         "options": opts,
         "nothing_matched": d.nothing_matched(),

@@ -116,7 +116,7 @@ def summary_lines(d: "Diff", width: int = 100) -> list[str]:
         out.append(f"largest error growth: {ratio:.2f}x at graph {g.position} node {short_name(row.name)} "
                    f"({fmt_err(row.orig.rel_l2)} -> {fmt_err(row.new.rel_l2)})")
     if d.floor is not None:
-        rule = f"rule: rewritten rel-err > max(2 x original, {d.options.error_budget:g} x u = {d.floor:.3g})"
+        rule = f"rule: rewritten rel-err > max(2 x original, error budget x u = {d.floor:.3g})"
         fd = d.first_divergence
         missing = [str(g.position) for g in d.graphs if g.numerics_error]
         if fd is None and missing:

@@ -80,9 +80,11 @@ class BdFactors:
     w_rest: torch.Tensor            # (H, d_in - d_h, d_h) = W_h[R_h] @ B_h^{-1}
     bias: Optional[torch.Tensor]    # (H, d_h) = b_h @ B_h^{-1}, or None
     conds: list[float]              # cond2(B_h) per head
-    error_bound: float              # max_h cond2(B_h), first-order error growth
+    error_bound: float              # max_h cond2(B_h), worst-case first-order error growth
     params_before: int              # H * d_in * d_h (weights; the bias count is unchanged)
     params_after: int               # H * (d_in - d_h) * d_h
+    expected: list[float] = None    # per head ||W_h B_h^-1||_F ||B_h||_F / (||W_h||_F sqrt(d_h))
+    expected_growth: float = 0.0    # max of ``expected``: the typical growth (the budget's measure)
 
     @property
     def num_heads(self) -> int:
@@ -148,12 +150,16 @@ def _build(W64: torch.Tensor, b64: Optional[torch.Tensor], rows: torch.Tensor, s
     if any(math.isinf(c) for c in conds):
         raise FactorizationError("pivot block is singular (rank-deficient)")
     error_bound = max(conds)
-    if error_bound > error_budget:
-        raise FactorizationError(
-            f"error bound {format_bound(error_bound)} exceeds budget {format_bound(error_budget)}")
     rest_rows = _complement(rows, d_in)
     basis64 = _gather_rows(W64, rows)
     w_rest = torch.linalg.solve(basis64, _gather_rows(W64, rest_rows), left=False)
+    # ||W B^-1||_F^2 = d_h (the identity rows) + ||W[R] B^-1||_F^2
+    fro = torch.linalg.matrix_norm
+    expected = ((d_h + fro(w_rest) ** 2).sqrt() * fro(basis64) / (fro(W64) * math.sqrt(d_h))).tolist()
+    expected = [e if math.isfinite(e) else math.inf for e in expected]
+    if max(expected) > error_budget:
+        raise FactorizationError(f"expected error growth {format_bound(max(expected))} exceeds budget "
+                                 f"{format_bound(error_budget)} (cond {format_bound(error_bound)})")
     bias = None
     if b64 is not None:
         bias = torch.linalg.solve(basis64, b64[:, None, :], left=False)[:, 0, :]
@@ -169,6 +175,8 @@ def _build(W64: torch.Tensor, b64: Optional[torch.Tensor], rows: torch.Tensor, s
         bias=None if bias is None else bias.to(device=device, dtype=dtype),
         conds=conds,
         error_bound=error_bound,
+        expected=expected,
+        expected_growth=max(expected),
         params_before=H * d_in * d_h,
         params_after=H * (d_in - d_h) * d_h,
     )

@@ -428,7 +428,7 @@ def apply_component(editor: GraphEditor, comp: Component, sites: Sequence[Linear
 
     norm, why = _normalized(comp)
     if norm is None:
-        return [], [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
+        return [], skips_for(comp.groups, why)
     comp = norm
     sources = _sources(comp)
     skips: list[SkipRecord] = []
@@ -436,15 +436,15 @@ def apply_component(editor: GraphEditor, comp: Component, sites: Sequence[Linear
     devices = {sites[lin].weight.tensor.device for lin in comp.linears}
     if len(dtypes) != 1 or len(devices) != 1:
         why = "the component's weights differ in dtype or device"
-        return [], skips + [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
+        return [], skips + skips_for(comp.groups, why)
     fac, details, why = decide(comp, sites, sources, editor.example_inputs, error_budget, cost_model)
     if fac is None:
-        return [], skips + [SkipRecord(g.kind, g.site, why) for g in _one_per_site(comp.groups)]
+        return [], skips + skips_for(comp.groups, why)
     math_ = _ComponentMath(comp, sites, sources, error_budget)
     try:
         initial = math_.tensors(editor.example_inputs, fac)
     except FactorizationError as e:
-        return [], skips + [SkipRecord(g.kind, g.site, str(e)) for g in _one_per_site(comp.groups)]
+        return [], skips + skips_for(comp.groups, str(e))
     src_of = sorted({i for lin in comp.linears for i in
                      ([sites[lin].weight.index] + ([sites[lin].bias.index] if sites[lin].bias else []))})
     editor.current_rewrite = first_index
@@ -458,6 +458,8 @@ def apply_component(editor: GraphEditor, comp: Component, sites: Sequence[Linear
         target = editor.new(site.output)
         x = editor.new(site.input)
         with editor.graph.inserting_before(target):
+            for name, a in site.prologue:         # e.g. an einsum over several dims
+                x = editor.call(name, (x, *a), method=True, origin=site.output)
             if src is None:
                 w, b = next(it), next(it)
                 y = editor.call(linear, (x, w, b), origin=site.output)
@@ -474,12 +476,22 @@ def apply_component(editor: GraphEditor, comp: Component, sites: Sequence[Linear
                                 origin=site.output)
             if dtype_of(site.output) is not None and dtype_of(site.output) != site.weight.tensor.dtype:
                 y = editor.call("to", (y, dtype_of(site.output)), method=True, origin=site.output)
+            for name, a in site.epilogue:
+                y = editor.call(name, (y, *a), method=True, origin=site.output)
         editor.replace(site.output, y)
         editor.discard([site.output, site.core], first_index)
     editor.current_rewrite = None
     records = _records(comp, sites, sources, fac, details)
     editor.decisions.append(BdDecision(comp, sites, sources, fac, records, error_budget))
     return records, skips
+
+
+def skips_for(groups: list[Group], why: str) -> list[SkipRecord]:
+    """One skip per (kind, site) of these groups, naming their contraction nodes."""
+    nodes: dict[tuple, set] = defaultdict(set)
+    for g in groups:
+        nodes[(g.kind, g.site)] |= set(getattr(g, "nodes", ()) or ())
+    return [SkipRecord(g.kind, g.site, why, nodes=sorted(nodes[(g.kind, g.site)])) for g in _one_per_site(groups)]
 
 
 def _one_per_site(groups: list[Group]) -> list[Group]:
@@ -494,10 +506,12 @@ def _one_per_site(groups: list[Group]) -> list[Group]:
 def _records(comp: Component, sites: Sequence[LinearSite], sources: dict[int, Source], fac,
              details: dict[int, dict]) -> list[RewriteRecord]:
     cond_of: dict[int, float] = {}
+    growth_of: dict[int, float] = {}
     for s, sets in fac.items():
         for st, sf in zip(sources[s].sets, sets):
             for h, g in enumerate(st.heads):
                 cond_of[g.gid] = float(sf.f.conds[h])
+                growth_of[g.gid] = float(sf.f.expected[h])
     by_key: dict[tuple, list[Group]] = defaultdict(list)
     for g in comp.groups:
         by_key[(g.kind, g.site, g.source)].append(g)
@@ -508,14 +522,17 @@ def _records(comp: Component, sites: Sequence[LinearSite], sources: dict[int, So
         before = sum(d_in * len(g.cols) for g in gs)
         after = sum((d_in - len(g.cols)) * len(g.cols) for g in gs)
         cond = max(cond_of[g.gid] for g in gs)
+        growth = max(growth_of[g.gid] for g in gs)
         partners = sorted({sites[i].weight.name for g in gs for i, _ in (g.q_partners | g.o_partners)})
         d = details.get(src, {})
         recs.append(RewriteRecord(
             kind=kind, site=site, params_before=before, params_after=after,
             flops_saved=2 * sum(len(g.cols) ** 2 for g in gs), cond=cond, error_bound=cond,
+            expected_growth=growth,
             details={"heads": len(gs), "d_in": d_in, "d_h": d_h[0] if len(d_h) == 1 else d_h,
                      "projection": sites[src].weight.name, "folded_into": partners,
                      "form": d.get("form", sources[src].form), "shared_basis": d.get("form") == "shared",
+                     "nodes": sorted({n for g in gs for n in (getattr(g, "nodes", ()) or ())}),
                      **{k: v for k, v in d.items() if k in ("ms", "estimated_ms")}}))
     return recs
 

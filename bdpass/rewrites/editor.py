@@ -17,7 +17,9 @@ from .. import _compat
 from ..graph.ops import canonical
 from ..runtime import DerivedGroup
 
-_PURE_WEIGHT_VIEWS = {"t", "transpose", "permute"}
+# ops through which a linear reads its weight (views, casts): they die with the linear
+_PURE_WEIGHT_VIEWS = {"t", "T", "mT", "transpose", "permute", "movedim", "reshape", "flatten", "unflatten",
+                      "squeeze", "unsqueeze", "detach", "alias", "contiguous", "clone", "to", "cast", "type_as"}
 
 
 class GraphEditor:

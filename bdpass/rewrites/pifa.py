@@ -17,7 +17,7 @@ adapter into ``W`` is the better transformation and is left to the user.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ from .pifa_plan import KIND, Chain, _reshape_sizes, _static, find_chains, link_c
 __all__ = ["KIND", "Chain", "find_chains", "link_chains", "select_chains", "decide_chain", "apply_chain"]
 
 
-def select_chains(found: Sequence[Chain], inputs: Sequence[torch.Tensor], error_budget: float,
+def select_chains(found: Sequence[Chain], inputs: Sequence[torch.Tensor], budget_for: Callable[[Any], float],
                   min_saving: float, cost_model: bool):
     """Decide every chain, knowing which ones hand their column order to the next.
 
@@ -53,7 +53,7 @@ def select_chains(found: Sequence[Chain], inputs: Sequence[torch.Tensor], error_
             if assumed_link.get(k) == has_link and k in factors:
                 continue
             assumed_link[k] = has_link
-            res = decide_chain(inputs, found[k], error_budget, min_saving, cost_model,
+            res = decide_chain(inputs, found[k], budget_for(_compute_dtype(found[k])), min_saving, cost_model,
                                restore_order=not has_link, factors=factors.get(k))
             if isinstance(res, SkipRecord):
                 skips[k] = res
@@ -114,18 +114,19 @@ def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budg
     first, second = chain.first, chain.second
     r, d_in, d_out = chain.rank, first.d_in, second.d_out
     saving = r / (d_in + d_out)
+    nodes = [first.core.name, second.core.name]
     if saving < min_saving:
         return SkipRecord(KIND, chain.site, f"saves {100 * saving:.2g}% of the chain's weights, below "
-                                            f"min_saving={100 * min_saving:.2g}%")
+                                            f"min_saving={100 * min_saving:.2g}%", nodes=nodes)
     if factors is None:
         try:
             factors = _factors_fn(chain, error_budget)[0](editor_inputs)
         except FactorizationError as e:
-            return SkipRecord(KIND, chain.site, str(e))
+            return SkipRecord(KIND, chain.site, str(e), nodes=nodes)
     if cost_model:
         why = _cost_objection(chain, factors, restore_order)
         if why:
-            return SkipRecord(KIND, chain.site, why)
+            return SkipRecord(KIND, chain.site, why, nodes=nodes)
     return factors
 
 
@@ -171,7 +172,7 @@ def _can_time(t: torch.Tensor) -> bool:
     return not isinstance(t, FakeTensor) and t.device.type in ("cpu", "cuda")
 
 
-def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: float,
+def apply_chain(editor: GraphEditor, chain: Chain, index: int, budget_for: Callable[[Any], float],
                 producer: Chain | None = None, restore_order: bool = True, factors=None) -> RewriteRecord:
     """Rewrite one accepted chain (see ``decide_chain``).
 
@@ -184,6 +185,7 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
     r, d_in, d_out = chain.rank, first.d_in, second.d_out
     import inductor_lowerings  # noqa: F401  (registers the ops)
 
+    error_budget = budget_for(_compute_dtype(chain))
     compute, tensors_fn = _factors_fn(chain, error_budget, producer, restore_order)
     f = factors if (factors is not None and producer is None) else compute(editor.example_inputs)
     linked = (first, second) + ((producer.first, producer.second) if producer is not None else ())
@@ -225,9 +227,11 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, error_budget: flo
         params_before=d_in * r + r * d_out + bias_before,
         params_after=d_in * r + r * (d_out - r) + (d_out if has_bias else 0),
         flops_saved=2 * r * r, cond=float(f.cond), error_bound=float(f.error_bound),
+        expected_growth=float(f.expected_growth),
         details={"d_in": d_in, "r": r, "d_out": d_out, "bias": has_bias,
                  "weights": [first.weight.name, second.weight.name],
-                 "column_order": "restored" if restore_order else "absorbed by the next chain"},
+                 "column_order": "restored" if restore_order else "absorbed by the next chain",
+                 "nodes": [first.core.name, second.core.name]},
     )
     editor.decisions.append(PifaDecision(chain, producer, restore_order, f, record, error_budget))
     return record
