@@ -405,3 +405,12 @@ def test_error_budget_defaults_per_dtype(monkeypatch):
         bdpass.explain(SvdLinear(32, 8, 32).to(dtype), torch.randn(2, 32, dtype=dtype),
                        options={"cost_model": False, "lowering": "aot_eager"})
         assert seen and set(seen) == {want}, (dtype, seen)
+
+
+def test_pair_that_would_grow_the_weights_is_skipped():
+    """Rank 1 with a bias on the first linear only: the rewritten pair needs a bias over all
+    outputs, so it would hold more weights than the original (refused, with the counts)."""
+    model = SvdLinear(16, 1, 16, bias_v=True, bias_u=False)
+    rep = bdpass.explain(model, torch.randn(2, 16), options={"cost_model": False, "min_saving": 0.0})
+    # 16*1 + 1*16 + 1 = 33 weights before; 16*1 + 1*15 + 16 = 47 after
+    assert rep.rewrites == [] and rep.skipped[0].reason.startswith("would not shrink the weights (33 -> 47")

@@ -106,15 +106,27 @@ def _compute_dtype(chain: Chain) -> torch.dtype:
     return dtype_of(chain.second.core) or chain.second.weight.tensor.dtype
 
 
+def _param_counts(chain: Chain) -> tuple[int, int]:
+    """Weights (biases included) of the chain before and after the rewrite."""
+    first, second = chain.first, chain.second
+    r, d_in, d_out = chain.rank, first.d_in, second.d_out
+    before = d_in * r + r * d_out + (r if first.bias is not None else 0) + (d_out if second.bias is not None else 0)
+    has_bias = first.bias is not None or second.bias is not None
+    return before, d_in * r + r * (d_out - r) + (d_out if has_bias else 0)
+
+
 def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budget: float,
                  min_saving: float, cost_model: bool = True, restore_order: bool = True, factors=None):
     """Whether a chain is rewritten: saving, cost and factorization at the example weights.
     Returns a SkipRecord, or the factors (reused by ``apply_chain``; pass them back in
     ``factors`` to judge the chain again without refactorizing)."""
     first, second = chain.first, chain.second
-    r, d_in, d_out = chain.rank, first.d_in, second.d_out
-    saving = r / (d_in + d_out)
+    before, after = _param_counts(chain)
+    saving = (before - after) / before
     nodes = [first.core.name, second.core.name]
+    if after >= before:
+        return SkipRecord(KIND, chain.site, f"would not shrink the weights ({before:,} -> {after:,}: the "
+                                            f"rewritten pair's bias spans all {second.d_out} outputs)", nodes=nodes)
     if saving < min_saving:
         return SkipRecord(KIND, chain.site, f"saves {100 * saving:.2g}% of the chain's weights, below "
                                             f"min_saving={100 * min_saving:.2g}%", nodes=nodes)
@@ -220,12 +232,12 @@ def apply_chain(editor: GraphEditor, chain: Chain, index: int, budget_for: Calla
     removed = [n for n in dict.fromkeys(removed)]
     editor.discard(removed, index)
     editor.current_rewrite = None
-    bias_before = (r if first.bias is not None else 0) + (d_out if second.bias is not None else 0)
     has_bias = first.bias is not None or second.bias is not None
+    before, after = _param_counts(chain)
     record = RewriteRecord(
         kind=KIND, site=chain.site,
-        params_before=d_in * r + r * d_out + bias_before,
-        params_after=d_in * r + r * (d_out - r) + (d_out if has_bias else 0),
+        params_before=before,
+        params_after=after,
         flops_saved=2 * r * r, cond=float(f.cond), error_bound=float(f.error_bound),
         expected_growth=float(f.expected_growth),
         details={"d_in": d_in, "r": r, "d_out": d_out, "bias": has_bias,
