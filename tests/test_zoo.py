@@ -54,21 +54,10 @@ def test_family_fp32(family):
     assert bd_err <= 1.5 * ind_err, (bd_err, ind_err)
 
 
-# In half precision BD rounds two folded weight matrices per pair (W_q B^T, W_k[R] B^-1) to
-# the model dtype: an extra rounding of weights that the original, whose weights are exact in
-# that dtype, does not have. Measured against float64 runs of the same rounded weights, these
-# cases exceed the 1.5x target (ratio in brackets, `python -m pytest -m slow tests/test_zoo.py`).
-KNOWN_HALF = {("clip_text", torch.bfloat16): 1.66, ("clip_text", torch.float16): 1.62,
-              ("whisper", torch.float16): 1.55, ("qwen2", torch.bfloat16): 1.58}
-
-
 def _half_cases():
     for family in zoo.FAMILIES:
         for dtype in (torch.bfloat16, torch.float16):
-            known = KNOWN_HALF.get((family, dtype))
-            marks = [pytest.mark.xfail(strict=True, reason=f"BD's re-rounded folded weights: measured "
-                                                          f"{known}x of Inductor's error")] if known else []
-            yield pytest.param(family, dtype, marks=marks, id=f"{family}-{str(dtype)[6:]}")
+            yield pytest.param(family, dtype, id=f"{family}-{str(dtype)[6:]}")
 
 
 @pytest.mark.slow
