@@ -155,8 +155,13 @@ def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport,
     return (editor, records, units) if records else (None, [], [])
 
 
-def _validated_rewrite(gm, example_inputs, opts: BDOptions, index: int):
-    """Plan and rewrite, then validate (``opts.validate``): the rewritten graph must match
+def rewrite_graph(gm, example_inputs, opts: BDOptions, index: int = 0):
+    """The decided plan of one Dynamo graph and its graph rewrite: find, decide, rewrite,
+    then validate (``opts.validate``). Every user of the analysis (the backend, ``explain``,
+    the diff tool, ``prepare``) goes through this function; ``editor.decisions`` holds what
+    was decided for each rewrite (weights by parameter name, forms, exact factors).
+
+    Validation: the rewritten graph must match
     the original in float64 (structure) and its output error in the model's dtype must stay
     within the error budget of the original's (numerics). Rewrites that fail are refused
     (each unit of rewrites is tried alone to find them; if none fails alone, all are) and
@@ -264,7 +269,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
     else:
         editor = None
         try:
-            report, editor, new_gm, new_inputs = _validated_rewrite(gm, example_inputs, opts, index)
+            report, editor, new_gm, new_inputs = rewrite_graph(gm, example_inputs, opts, index)
             report.nodes_before = node_records(gm)
         except Exception as e:
             if opts.strict or _compat.is_dynamo_restart(e) or isinstance(e, _validation_error()):

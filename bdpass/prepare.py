@@ -67,7 +67,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from . import _compat
-from .backend import _validated_rewrite, node_records
+from .backend import node_records, rewrite_graph
 from .options import BDOptions
 from .report import GraphReport, Report
 from .runtime import compare_outputs
@@ -787,7 +787,7 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None,
         report.nodes_before = node_records(gm)
         node_map = None
         try:
-            planned, editor, new_gm, new_inputs = _validated_rewrite(gm, inputs, opts, 0)
+            planned, editor, new_gm, new_inputs = rewrite_graph(gm, inputs, opts, 0)
             for name in ("rewrites", "skipped", "params_before", "params_after", "validation",
                          "validate_seconds"):
                 setattr(report, name, getattr(planned, name))
