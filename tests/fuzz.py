@@ -66,6 +66,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 import random
 import sys
 import time
@@ -232,6 +233,12 @@ def _weights_read(graph_report) -> int | None:
     return total
 
 
+def _claimed_growth(reason: str) -> tuple[int, int] | None:
+    """(before, after) of a PIFA skip saying the rewrite would not shrink the pair's weights."""
+    m = re.search(r"would not shrink the weights \(([\d,]+) -> ([\d,]+)", reason)
+    return None if m is None else (int(m.group(1).replace(",", "")), int(m.group(2).replace(",", "")))
+
+
 def _budget(reason: str, allowed) -> bool:
     return any(a in reason for a in allowed)
 
@@ -257,6 +264,10 @@ def check_report(case: Case, g, model_params: int, expectations: bool = True) ->
     legacy = getattr(case, "legacy_expected", None)
     if legacy is not None:
         budget_skips = {s.kind for s in g.skipped if _budget(s.reason, ("budget", "singular"))}
+        for s in g.skipped:      # a chain model holds only its pair: a growth claim must count all of it
+            grow = _claimed_growth(s.reason)
+            if s.kind == "pifa" and grow is not None and grow[0] == model_params and grow[1] >= grow[0]:
+                budget_skips.add("pifa")
         if not kinds <= legacy:
             problems.append(("report", f"rewrites {sorted(kinds)} not expected (expected {sorted(legacy)})"))
         if not legacy - budget_skips <= kinds:
@@ -276,12 +287,15 @@ def check_report(case: Case, g, model_params: int, expectations: bool = True) ->
         applied[w] = r
         if c.status.startswith("skip:"):
             problems.append(("report", f"pifa applied at {r.site} but it must be skipped ({c.status[5:]})"))
-        want_after = c.d_in * c.r + c.r * (c.d_out - c.r) + (c.d_out if c.bias else 0)
+        # the rewritten pair: pivot and coefficient weights, and a bias over the pivots (r) or over
+        # every output (d_out) when either linear had one; the graph's totals are checked exactly
+        core = c.d_in * c.r + c.r * (c.d_out - c.r)
+        want_after = {core + c.r, core + c.d_out} if c.bias else {core}
         if r.params_after > r.params_before:
             problems.append(("note", f"pifa grows weights ({r.params_before} -> {r.params_after})"))
-        if r.params_before != c.params or r.params_after != want_after:
+        if r.params_before != c.params or r.params_after not in want_after:
             problems.append(("report", f"pifa at {r.site}: params {r.params_before} -> {r.params_after}, "
-                                       f"expected {c.params} -> {want_after}"))
+                                       f"expected {c.params} -> {' or '.join(map(str, sorted(want_after)))}"))
         d = r.details
         if (d.get("d_in"), d.get("r"), d.get("d_out")) != (c.d_in, c.r, c.d_out):
             problems.append(("report", f"pifa at {r.site}: shape {d.get('d_in')}-{d.get('r')}-{d.get('d_out')} "
@@ -292,8 +306,19 @@ def check_report(case: Case, g, model_params: int, expectations: bool = True) ->
             continue
         mine = [s for s in pifa_skips if _names_site(s.site, c.key)]
         if c.status == "apply":
+            grow = [_claimed_growth(s.reason) for s in mine]
+            grow = [g for g in grow if g is not None]
             if c.shared and any(w in s.reason for s in mine for w in c.shared):
                 problems.append(("note", "pifa skipped: a weight is shared with other linears"))
+            elif grow:
+                before, after = grow[0]
+                least = c.d_in * c.r + c.r * (c.d_out - c.r)      # the rewritten pair's weights alone
+                if before != c.params or after < before or after < least:
+                    problems.append(("report", f"pifa at {c.key} skipped as 'would not shrink' with counts "
+                                               f"{before} -> {after}, but the pair holds {c.params} and its "
+                                               f"rewrite at least {least}"))
+                else:
+                    problems.append(("note", "pifa skipped: would not shrink the weights"))
             elif any(_budget(s.reason, PIFA_KNOWN_LIMITS) for s in mine):
                 why = next(s.reason for s in mine if _budget(s.reason, PIFA_KNOWN_LIMITS))
                 problems.append(("note", "pifa skipped, documented limit: " + why.split(" ", 1)[-1]))
