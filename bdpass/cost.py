@@ -1,5 +1,6 @@
-"""Does a rewrite pay off? A roofline estimate of the original and the rewritten
-computation of one site, per device class, dtype and token count.
+"""Roofline estimates of a site's original and rewritten time: the fallback of the cost
+model when nothing can be timed (fake or meta tensors; see :mod:`bdpass.timing`, which
+decides by measuring whenever the weights are real).
 
 Each kernel costs ``max(flops / peak, bytes / bandwidth) / efficiency + launch``. The
 rewritten form is accepted only if its estimate is at most ``1 - MARGIN`` of the
@@ -7,13 +8,9 @@ original's (never slower, with room for estimation error). The token count ``M``
 product of the site input's leading dimensions for the example inputs the graph was
 compiled with (a dynamic graph keeps the decision made for its first shape).
 
-Device constants are round numbers for the machines we measure on (a 2-core AVX-512 CPU
-with AMX for bf16; an H100). On the CPU they were calibrated with
-``python benchmarks/pifa_chain.py --d 2048 --tokens 64,512,2048`` (fp32 GEMMs ~260
-GFLOP/s, bf16 ~1.4 TFLOP/s, an index-gathering Inductor kernel ~1.2 ns per element) and
-``python benchmarks/bd_cpu_forms.py`` (the gather + batched-matmul form that BD's per-head
-pivots need without a fused kernel runs at 0.41x of the dense projection at
-DeepSeek-V2-Lite's K shape). The CUDA constants are not yet calibrated on a GPU.
+The constants are round numbers: the CPU ones from a 2-core AVX-512 machine (fp32 GEMMs
+~260 GFLOP/s, bf16 ~1.4 TFLOP/s, an index-gathering kernel ~1.2 ns per element), the CUDA
+ones from data sheets (not calibrated on a GPU).
 """
 from __future__ import annotations
 
@@ -30,14 +27,13 @@ class DeviceModel:
     peak: dict            # dtype -> FLOP/s of a large GEMM
     bandwidth: float      # bytes/s
     launch: float         # seconds of fixed cost per extra kernel
-    gather_bmm_efficiency: float   # per-head gather + bmm relative to a dense GEMM
     gather_element: float          # seconds per element of an index-gathering pointwise kernel
 
 
 CPU = DeviceModel("cpu", {torch.float32: 2.5e11, torch.bfloat16: 1.5e12, torch.float16: 1.0e11,
-                          torch.float64: 1.2e11}, 1.5e10, 3e-6, 0.4, 1.2e-9)
+                          torch.float64: 1.2e11}, 1.5e10, 3e-6, 1.2e-9)
 CUDA = DeviceModel("cuda", {torch.float32: 5.0e13, torch.bfloat16: 6.0e14, torch.float16: 6.0e14,
-                            torch.float64: 5.0e13}, 3.0e12, 4e-6, 0.4, 1.0e-12)
+                            torch.float64: 5.0e13}, 3.0e12, 4e-6, 1.0e-12)
 
 
 def device_model(device: torch.device) -> DeviceModel:
@@ -88,21 +84,6 @@ def pifa(M: int, d_in: int, r: int, d_out: int, dtype: torch.dtype, device: torc
     new = _gemm(dev, M, d_in, r, dtype) + _gemm(dev, M, r, d_out - r, dtype)
     if restore_order:      # otherwise the concatenation fuses into the consumer's element-wise op
         new += _gather(dev, M * d_out, dtype)
-    return Estimate(orig, new)
-
-
-def bd_projection(M: int, d_in: int, d_out_dense: int, heads: int, g: int, dtype: torch.dtype,
-                  device: torch.device) -> Estimate:
-    """A projection whose ``heads`` x ``g`` columns are rewritten per head (gather + batched
-    matmul + identity add), the other ``d_out_dense`` columns computed densely."""
-    dev = device_model(device)
-    n_total = d_out_dense + heads * g
-    orig = _gemm(dev, M, d_in, n_total, dtype)
-    new = _gemm(dev, M, d_in, d_out_dense, dtype) if d_out_dense else 0.0
-    new += _gather(dev, M * heads * d_in, dtype)                               # gathers of x
-    new += _gemm(dev, M, d_in - g, heads * g, dtype, eff=dev.gather_bmm_efficiency)
-    new += _pointwise(dev, M * heads * g, dtype)                               # identity add
-    new += _gather(dev, M * n_total, dtype)                                    # column order
     return Estimate(orig, new)
 
 

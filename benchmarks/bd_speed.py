@@ -6,8 +6,8 @@
 
 * ``projection``: DeepSeek-V2-Lite's ``kv_b_proj`` (latent 512 -> 16 heads x (128 K-nope +
   128 V)) with BD on both parts, in each form (one pivot set for all heads, two groups,
-  per-head pivots): ``torch.ops.bdpass.bd_linear`` against ``F.linear``, both under
-  ``torch.compile``. Also the form the backend picks by measuring.
+  per-head pivots): ``torch.ops.bdpass.bd_linear`` (opaque to Inductor, so called directly)
+  against ``F.linear`` compiled by Inductor.
 * ``block``: an MLA attention block, compiled with ``backend="bd"`` (default options: the
   backend measures and picks) against ``backend="inductor"``. Two shapes: DeepSeek-V2-Lite's
   attention (hidden 2048, q_proj, kv_a_proj_with_mqa -> RMSNorm -> kv_b_proj, partial RoPE,
@@ -176,7 +176,8 @@ def projection(M, dtype, repeats):
             bcol.append(h * g)
             h = e + 1
         args = (sel, rest, weight, [None] * len(weight), btab, bcol, 2 * H * g)
-        fns[form] = torch.compile(lambda x, a=args: torch.ops.bdpass.bd_linear(x, *a), dynamic=False)
+        # the op is opaque to Inductor (an external call either way): called directly
+        fns[form] = (lambda x, a=args: torch.ops.bdpass.bd_linear(x, *a))
     with torch.no_grad():
         t = interleaved({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats)
     for form in ("shared", "groups", "per_head"):

@@ -1392,7 +1392,7 @@ def _cost_estimate(kind: str, M, a, b, c, dtype, device) -> Optional[dict]:
         from bdpass import cost
 
         dev = torch.device(device)
-        est = cost.pifa(M, a, b, c, dtype, dev) if kind == "pifa" else cost.bd_projection(M, a, 0, b, c, dtype, dev)
+        est = cost.pifa(M, a, b, c, dtype, dev) if kind == "pifa" else cost.bd_linear(M, a, b * c, b, c, 1, dtype, dev)
         return {"estimated_ratio": est.ratio, "would_rewrite": bool(est.pays)}
     except Exception:
         return None
