@@ -195,10 +195,14 @@ def rewrite_graph(gm, example_inputs, opts: BDOptions, index: int = 0):
                     f"{e0:.2e}, over the error budget {budget:g}"), errors, tol
         return None, errors, tol
 
+    from . import timing
+
+    t_timing = timing.spent
     while True:
         report = GraphReport(index=index, lowering=opts.lowering)
         editor, records, units = plan_and_rewrite(gm, example_inputs, opts, report, exclude)
         report.validate_seconds = state["seconds"]
+        report.timing_seconds = timing.spent - t_timing
         if editor is None:
             return report, None, None, None
         new_gm, new_inputs = editor.finish()

@@ -68,6 +68,7 @@ class GraphReport:
     validation: str | None = None   # outcome of the float64 check of the rewritten graph
     validate_seconds: float = 0.0   # time that check took while compiling
     measured_error: dict | None = None   # output error vs float64: original, rewritten, growth
+    timing_seconds: float = 0.0     # time spent timing candidate lowerings while compiling
     nodes_before: list[NodeRecord] = field(default_factory=list)
     nodes_after: list[NodeRecord] = field(default_factory=list)
     # not serialized: set by the backend when a collector asks for graphs

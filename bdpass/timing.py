@@ -37,6 +37,7 @@ TARGET_SECONDS = 0.15
 WARMUP = 2
 
 _memory: dict[str, dict[str, float]] = {}
+spent = 0.0          # seconds spent measuring in this process (cache hits cost nothing)
 
 
 def cache_path() -> Path:
@@ -130,6 +131,8 @@ def measure(device: torch.device, problem: Mapping[str, Any],
     got = lookup(k)
     if got is not None and set(candidates) <= set(got):
         return {n: got[n] for n in candidates}
+    global spent
+    t_start = time.perf_counter()
     names = list(candidates)
     samples: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
@@ -147,6 +150,7 @@ def measure(device: torch.device, problem: Mapping[str, Any],
             if rep + 1 >= MIN_REPEATS and time.perf_counter() - start > TARGET_SECONDS * len(names):
                 break
     result = {n: statistics.median(v) for n, v in samples.items()}
+    spent += time.perf_counter() - t_start
     merged = {**(got or {}), **result}
     _memory[k] = merged
     _store(k, merged)

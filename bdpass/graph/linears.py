@@ -25,7 +25,6 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.fx
 
