@@ -2,7 +2,8 @@
 and hand-written transformers do.
 
     python tests/fuzz.py --cases 1000 [--seed 0] [--lowering aot_eager] [--family mixed]
-                         [--inductor-every 10] [--half 0.12]
+                         [--inductor-every 10] [--half 0.12] [--reshape 0.2] [--update 0.15]
+                         [--no-validate]
 
 Families (``--family``; ``mixed``, the default, draws one per seed, see ``FAMILY_WEIGHTS``):
 
@@ -51,10 +52,11 @@ raise) and checked:
   after = those the rewritten graph actually reads (parameters plus derived factors), each
   PIFA record's counts match its pair, no rewrite where none is legal;
 * what can be predicted is there (``missed``): every low-rank pair is rewritten or skipped
-  for a numerical reason (or skipped with the expected reason, e.g. a shared intermediate;
-  a pair reading a weight that other linears also read may instead be skipped with a reason
-  naming that weight);
-  BD on attention blocks whose projections are dense, where legal.
+  for a numerical reason, or with the expected reason (a shared intermediate; a reason naming
+  a weight that other linears also read; "would not shrink the weights" with counts that
+  match the pair; a limitation the pass documents, counted as a note); BD on attention blocks
+  whose projections are dense, where legal. The error bound is each record's worst-case
+  ``error_bound``.
 
 Exit status is non-zero if any case fails; each failure is printed with its seed and the
 command that reruns it alone.
