@@ -213,7 +213,8 @@ def rewrite_graph(gm, example_inputs, opts: BDOptions, index: int = 0):
             log.info("bdpass: graph %d: validation %s", index, report.validation)
             return report, editor, new_gm, new_inputs
         try:
-            why, errors, tol = check(editor, new_gm, new_inputs, records)
+            with val.threads_for(report.params_before):
+                why, errors, tol = check(editor, new_gm, new_inputs, records)
         except Exception as e:
             if opts.strict or _compat.is_dynamo_restart(e):
                 raise
@@ -240,8 +241,9 @@ def rewrite_graph(gm, example_inputs, opts: BDOptions, index: int = 0):
                 ed, recs, _ = plan_and_rewrite(gm, example_inputs, opts, probe, {**exclude, **others})
                 if ed is not None:
                     pg, pin = ed.finish()
-                    if check(ed, pg, pin, recs)[0] is not None:
-                        culprits.append(u)
+                    with val.threads_for(report.params_before):
+                        if check(ed, pg, pin, recs)[0] is not None:
+                            culprits.append(u)
         exclude.update({n: why for u in (culprits or distinct) for n in u if n not in exclude})
 
 

@@ -15,6 +15,7 @@ from the example's (a Dynamo graph has none: a different path is a different gra
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -144,6 +145,24 @@ def error_floor(inputs: Sequence[Any]) -> float:
     original's error is luck, not a scale to compare against."""
     us = [torch.finfo(t.dtype).eps / 2 for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return 2 * max(us) if us else 2 * torch.finfo(torch.float32).eps / 2
+
+
+# Below this many weight elements a graph is validated on one thread: its GEMMs are too
+# small to gain from more, and waiting for the other threads dominates on a busy machine.
+SMALL_GRAPH = 10_000_000
+
+
+@contextlib.contextmanager
+def threads_for(n_weights: int):
+    if n_weights >= SMALL_GRAPH:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def timed(fn, *args, **kwargs):
