@@ -40,7 +40,7 @@ import torch.fx
 
 from .._compat import example_value, size_hint
 from .linears import LinearSite, einsum_labels, einsum_operands
-from .ops import arg, canonical, shape_of
+from .ops import DTENSOR_ADVICE, Collective, arg, canonical, collective, shape_of
 
 SHIFT = 32
 COLMASK = (1 << SHIFT) - 1
@@ -328,6 +328,10 @@ class _Analysis:
         if node in self.out_of:
             self.L[node] = self.fresh(self.out_of[node], node)
             return
+        comm = collective(node)
+        if comm is not None:
+            self.op_collective(node, comm)
+            return
         name = canonical(node)
         tname = _name(node) if node.op in ("call_function", "call_method") else ""
         handler = getattr(self, f"op_{name}", None) if name else None
@@ -347,6 +351,104 @@ class _Analysis:
             self.opaque(node)
             return
         handler(node)
+
+    # ------------------------------------------------------------------ communication
+    def op_collective(self, node: torch.fx.Node, c: Collective) -> None:
+        """Communication between ranks, modelled for what it does to this rank's channels.
+
+        Tensor parallelism runs one graph per rank (SPMD): another rank's copy of a value has
+        the same layout here, but its channels come from *that* rank's weights (its heads, its
+        slice of a rank or input dimension), and every rank factorizes its own weights. So:
+
+        * what this rank sends (the input of any collective) escapes: another rank cannot
+          fold this rank's basis into what it computes from it;
+        * what it receives is touched by the collective: an all-reduce is linear (a sum over
+          ranks of tensors with this layout) but each term is in its own rank's basis, so a
+          rank cannot fold its partner with one basis; an all-gather is a concatenation along
+          its dim of every rank's tensor (the layout is concatenated, every block touched: the
+          other blocks are other ranks' channels); a reduce-scatter is this rank's slice of a
+          sum; all-to-all and broadcast exchange whole blocks.
+        * ``wait_tensor`` only waits: its output is its input's value (the layout passes).
+        * DTensor placement changes (``from_local``/``redistribute``/``to_local``): the graph
+          computes on DTensors, which bd does not rewrite; channels crossing them are touched.
+        """
+        if c.kind == "wait":
+            return self.op_identity(node)
+        if c.kind == "dtensor":
+            return self.opaque(node, f"DTensor placement change ({c.name}) between projection and contraction: "
+                                     f"the graph computes on DTensors (global shapes, placements), which bd does "
+                                     f"not rewrite; {DTENSOR_ADVICE}")
+        what = f"{c.name} ({c.reduce_op})" if c.reduce_op else c.name
+        sent = f"sent to the other ranks by {what}: a rank cannot fold its partner with another rank's basis"
+        received = {
+            "all_reduce": "a sum over ranks of terms computed with each rank's own weights",
+            "reduce_scatter": "this rank's slice of a sum over ranks of terms computed with each rank's own weights",
+            "all_gather": "channels gathered from every rank, each computed with its own rank's weights",
+            "all_to_all": "blocks exchanged between ranks, each computed with its own rank's weights",
+            "broadcast": "one rank's values, computed with that rank's weights",
+        }.get(c.kind)
+        first = node.args[0] if node.args else None
+        items = list(first) if c.coalesced and isinstance(first, (list, tuple)) else [first]
+        if received is None or c.name.startswith(("c10d.", "torch.distributed.")):
+            # send/receive, or torch.distributed's in-place API: every tensor it is given is
+            # sent and may be overwritten with what other ranks sent
+            reason = f"{what}: communication with other ranks between projection and contraction"
+            for a in node.all_input_nodes:
+                l = self.lay(a)
+                if l is not None and l.marked:
+                    self.escape(l, sent)
+                    self.L[a] = self._received(l.idx, reason, across=0)
+            return self.opaque(node, reason)
+        reason = (f"{what} between projection and contraction: {received}; a rank cannot fold its partner with "
+                  f"another rank's basis")
+        value = example_value(node)
+        outs = []
+        for k, a in enumerate(items):
+            l = self.lay(a)
+            if l is None or not l.marked:
+                outs.append(None)
+                continue
+            self.escape(l, sent)
+            out = value[k] if c.coalesced and isinstance(value, (list, tuple)) else value
+            outs.append(self._collected(l, c, reason, shape_of(a),
+                                        tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        self.L[node] = outs if c.coalesced else outs[0]
+        targets = items if c.inplace else []
+        if not c.coalesced and isinstance(node.kwargs.get("out"), torch.fx.Node):
+            targets = [node.kwargs["out"]]
+        for a, o in zip(targets, outs):
+            if isinstance(a, torch.fx.Node):
+                self.L[a] = o
+
+    def _received(self, idx: np.ndarray, reason: str, across: int | None = None) -> Layout:
+        """``idx`` with every tracked entry touched by ``reason``. ``across``: a dim with
+        channels along which ranks exchange blocks: the result cannot vary along it (one code
+        naming every source linear)."""
+        out = self.touched(idx, reason)
+        if across is not None and out.ndim and out.shape[across] != 1:
+            marked = out != UNTRACKED
+            code = self.reason_code(reason, frozenset(self.res.sources_of(out))) if marked.any() else UNTRACKED
+            out = np.full((1,) * out.ndim, code, dtype=np.int64)
+        return Layout(out)
+
+    def _collected(self, l: Layout, c: Collective, reason: str, in_shape, out_shape) -> Layout:
+        """Layout of what a functional collective returns for an input of layout ``l``."""
+        if in_shape is None or not in_shape:
+            return self._received(l.idx, reason)
+        nd = len(in_shape)
+        idx = _broadcast_to_rank(l.idx, nd)
+        if c.kind in ("all_reduce", "broadcast"):
+            return self._received(idx, reason)
+        d = (c.dim or 0) % nd
+        if idx.shape[d] == 1:                   # ranks' tensors meet along a dim without channels
+            return self._received(idx, reason)
+        if c.kind == "all_gather" and out_shape is not None and len(out_shape) == nd:
+            # concatenation along d of every rank's tensor: the layout repeats, each block
+            # touched (the other blocks are other ranks' channels)
+            n_in, n_out = size_hint(in_shape[d]), size_hint(out_shape[d])
+            if n_in and n_out and n_out % n_in == 0:
+                return Layout(np.concatenate([self._received(idx, reason).idx] * (n_out // n_in), axis=d))
+        return self._received(idx, reason, across=d)
 
     # ------------------------------------------------------------------ linear consumption
     def consume_by_linear(self, site: LinearSite) -> None:
