@@ -9,12 +9,15 @@ from .api import collect_reports, explain
 from .backend import bd_backend
 from . import diff  # callable: bdpass.diff(model, *args, options=None, **kwargs)
 from .options import BDOptions
-from .prepare import prepare, save_prepared, load_prepared, PreparedModule
+from . import prepare  # callable: bdpass.prepare(model, *args, options=None, inplace=True, **kwargs)
+from .prepare import (Absorbed, BDLinear, PivotLinear, PrepareReport, apply_plan, from_pretrained, load_prepared,
+                      plan_of, save_prepared)
 from .report import GraphReport, Report, RewriteRecord, SkipRecord
 from .runtime import VerificationError
 
 __version__ = "0.1.0"
 
 __all__ = ["bd_backend", "explain", "collect_reports", "BDOptions", "Report", "GraphReport",
-           "RewriteRecord", "SkipRecord", "VerificationError", "prepare", "save_prepared",
-           "load_prepared", "PreparedModule", "__version__"]
+           "RewriteRecord", "SkipRecord", "VerificationError", "prepare", "PrepareReport", "save_prepared",
+           "load_prepared", "from_pretrained", "plan_of", "apply_plan", "BDLinear", "PivotLinear", "Absorbed",
+           "__version__"]

@@ -1,0 +1,43 @@
+"""Prepared models: the ``bd`` backend's rewrites applied once to the model's own modules.
+
+``bdpass.prepare(model, *example_args, options=None, inplace=True, **example_kwargs)`` runs
+the model on the example inputs under ``torch.compile`` with the backend's analysis
+(:func:`bdpass.backend.rewrite_graph`, any number of graphs), and edits the model: ``B`` is
+folded into the partner weights in place, each rewritten source projection module becomes a
+:class:`BDLinear`, each rewritten low-rank chain ``u(v(x))`` a :class:`PivotLinear` (plus an
+:class:`Absorbed` identity). The result is the user's own model, an ordinary ``nn.Module``,
+smaller in memory, working at any input shape, eager or under ``torch.compile`` /
+``torch.export``. Save and load it with :func:`save_prepared` / :func:`load_prepared`
+(safetensors), or ``save_pretrained`` / :func:`from_pretrained` (transformers); the
+:func:`plan_of` / :func:`apply_plan` pair serves any other checkpoint format that stores a
+``state_dict``. See ``docs/prepare.md``.
+
+Modules: :mod:`.capture` (the compiled run, graph instances, layer splitting), :mod:`.edits`
+(decisions to module edits and their checks), :mod:`.modules` (the replacing modules),
+:mod:`.apply` (``prepare`` and its report), :mod:`.checkpoint` (plans and files).
+"""
+import inspect as _inspect
+import sys as _sys
+import types as _types
+
+from .apply import PrepareReport, prepare, state_bytes
+from .checkpoint import (METADATA_KEY, PLAN_FORMAT, apply_plan, from_pretrained, load_prepared, plan_of, read_plan,
+                         save_prepared)
+from .edits import NotPreparable
+from .modules import Absorbed, BDLinear, PivotLinear
+
+__all__ = ["prepare", "PrepareReport", "NotPreparable", "save_prepared", "load_prepared", "from_pretrained",
+           "plan_of", "apply_plan", "read_plan", "state_bytes", "BDLinear", "PivotLinear", "Absorbed",
+           "PLAN_FORMAT", "METADATA_KEY"]
+
+
+class _CallableModule(_types.ModuleType):
+    """``bdpass.prepare(model, ...)`` calls :func:`prepare`; ``bdpass.prepare.<name>`` are
+    this package's names and submodules."""
+
+    def __call__(self, model, *example_args, options=None, inplace=True, **example_kwargs):
+        return prepare(model, *example_args, options=options, inplace=inplace, **example_kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
+__signature__ = _inspect.signature(prepare)

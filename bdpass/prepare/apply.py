@@ -1,0 +1,261 @@
+"""``bdpass.prepare``: rewrite a model's modules once, driven by the backend's analysis.
+
+Steps (see the package documentation for what the result is):
+
+1. An eager run on the example inputs counts how often each of the model's tensors is read
+   (:class:`~bdpass.prepare.edits.ReadCounter`): an edit may only touch tensors read once.
+2. A compiled run (:func:`~bdpass.prepare.capture.run_captured`): every graph instance (a
+   graph with one set of weights; one per layer with ``split_layers``) is analysed by
+   :func:`bdpass.backend.rewrite_graph` exactly as the ``bd`` backend does (find, decide,
+   rewrite, validate); its outputs are computed with the weights before any edit; then its
+   decisions become module edits (:func:`~bdpass.prepare.edits.edits_for`) that are applied
+   at once, and the decisions, their float64 factors and the rewritten graph are dropped.
+   So preparing holds the model plus one instance's float64 work, never all layers' factors.
+3. The plan of the prepared modules goes to ``model.config.bdpass`` for transformers models
+   (``save_pretrained`` writes it), and the report to ``model.bdpass_report``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..backend import rewrite_graph
+from ..options import BDOptions
+from ..report import GraphReport, Report
+from ..runtime import _flat_tensors, compare_outputs
+from .capture import TensorRegistry, run_captured
+from .edits import ModelIndex, NotPreparable, ReadCounter, apply_edit, edits_for
+
+log = logging.getLogger("bdpass")
+
+__all__ = ["prepare", "PrepareReport", "state_bytes", "PREPARE_OPTIONS"]
+
+# options of prepare itself, accepted in ``options`` next to the backend's
+PREPARE_OPTIONS = {"split_layers": True}
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once."""
+    seen: dict = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else id(t)
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes() if t.device.type != "meta"
+                        else t.numel() * t.element_size())
+    return sum(seen.values())
+
+
+@dataclass
+class PrepareReport:
+    """What ``prepare`` did: the backend's report per graph instance, the edits made, the
+    rewrites that could not be made at module level (with the reason), sizes and times."""
+    graphs: list[GraphReport] = field(default_factory=list)
+    instances: list[str] = field(default_factory=list)      # the module prefix of each instance's weights
+    edits: list[dict] = field(default_factory=list)         # Edit.summary() of each applied edit
+    not_preparable: list[NotPreparable] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    graphs_compiled: int = 0
+    seconds: dict = field(default_factory=dict)
+    verified: str | None = None
+
+    @property
+    def report(self) -> Report:
+        """The backend's report of every analysed graph instance."""
+        return Report(graphs=list(self.graphs))
+
+    @property
+    def rewrites(self):
+        return [r for g in self.graphs for r in g.rewrites]
+
+    @property
+    def skipped(self):
+        return [s for g in self.graphs for s in g.skipped]
+
+    def to_dict(self) -> dict:
+        return {"instances": list(self.instances), "edits": list(self.edits),
+                "not_preparable": [vars(b) for b in self.not_preparable], "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after, "graphs_compiled": self.graphs_compiled,
+                "seconds": dict(self.seconds), "verified": self.verified,
+                "report": self.report.to_dict()}
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def __str__(self) -> str:
+        saved = self.bytes_before - self.bytes_after
+        pct = 100.0 * saved / self.bytes_before if self.bytes_before else 0.0
+        lines = [f"bdpass.prepare: {self.graphs_compiled} graph(s), {len(self.graphs)} instance(s) analysed; "
+                 f"{len(self.edits)} rewrite(s) prepared, {len(self.not_preparable)} not preparable, "
+                 f"{len(self.skipped)} skipped by the analysis",
+                 f"parameter and buffer bytes {self.bytes_before:,} -> {self.bytes_after:,} (-{pct:.1f}%)"]
+        for e in self.edits:
+            mods = ", ".join(f"{p} -> {t}" for p, t in e["modules"].items())
+            fold = f"; folded {', '.join(e['folded'])}" if e["folded"] else ""
+            lines.append(f"  {e['kind']} at {e['site']}: {mods}{fold}; weights {e['params_before']:,} -> "
+                         f"{e['params_after']:,}")
+        lines += [f"  {b.line()}" for b in self.not_preparable]
+        if self.seconds:
+            s = self.seconds
+            lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()))
+        if self.verified:
+            lines.append(f"verify: {self.verified}")
+        return "\n".join(lines)
+
+
+def _split_options(options: Any) -> tuple[BDOptions, dict]:
+    own = dict(PREPARE_OPTIONS)
+    if isinstance(options, Mapping):
+        options = dict(options)
+        for k in PREPARE_OPTIONS:
+            if k in options:
+                own[k] = options.pop(k)
+    if not isinstance(own["split_layers"], bool):
+        raise TypeError(f"bdpass.prepare: option 'split_layers' must be a bool, got {own['split_layers']!r}")
+    return BDOptions.parse(options), own
+
+
+def _label(args: list, idx: ModelIndex) -> str:
+    names = [idx.name(t, "") for t in args if isinstance(t, torch.Tensor)]
+    parts = [n.split(".")[:-1] for n in names if n]
+    if not parts:
+        return ""
+    out = []
+    for toks in zip(*parts):
+        if len(set(toks)) != 1:
+            break
+        out.append(toks[0])
+    return ".".join(out)
+
+
+def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplace: bool = True,
+            **example_kwargs: Any) -> nn.Module:
+    """Rewrite ``model``'s modules with the ``bd`` backend's decisions on these example inputs
+    and return it: an ordinary module, smaller in memory, that works at any input shape.
+
+    ``options``: the backend's (:class:`bdpass.BDOptions`; ``lowering``/``inductor``/
+    ``release_weights`` do not apply; ``verify=True`` compares the prepared model's output
+    with the original's on the example inputs and raises ``bdpass.VerificationError``),
+    plus ``split_layers`` (default True: one graph per block of a layer stack, so that
+    preparing holds one layer's float64 work at a time). ``inplace=False`` prepares a deep
+    copy and leaves ``model`` untouched.
+
+    The model is run twice on the example inputs (eagerly, then compiled), under
+    ``no_grad``; ``torch._dynamo.reset()`` is called before and after. What was prepared,
+    and what could not be and why, is in ``model.bdpass_report`` (:class:`PrepareReport`).
+    A prepared model is static: its factors are not recomputed if weights change."""
+    from .checkpoint import plan_of, set_config_plan
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bdpass.prepare: expected an nn.Module, got {type(model).__name__}")
+    opts, own = _split_options(options)
+    model = getattr(model, "_orig_mod", model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    if model.training:
+        warnings.warn("bdpass.prepare: the model is in training mode; the analysis sees training-mode "
+                      "behaviour (dropout, ...). Call model.eval() first.", stacklevel=2)
+    t_start = time.perf_counter()
+    rep = PrepareReport(bytes_before=state_bytes(model))
+    idx = ModelIndex(model)
+
+    # 1. eager run: how often each tensor is read
+    t0 = time.perf_counter()
+    counter = ReadCounter(idx.tensors())
+    with torch.no_grad(), counter:
+        reference = model(*example_args, **example_kwargs)
+    idx.reads = counter
+    reference = [t.detach().clone() for t in _flat_tensors(_as_flat(reference))] if opts.verify else None
+    t_reads = time.perf_counter() - t0
+
+    # 2. compiled run: analyse each instance, apply its edits
+    edited = TensorRegistry()
+    times = {"analysis": 0.0, "edits": 0.0}
+
+    def before_call(a: list) -> None:
+        for t in a:
+            if isinstance(t, torch.Tensor) and t in edited:
+                raise RuntimeError(
+                    f"bdpass.prepare: {idx.name(t)} was edited by an earlier graph and is read again by another "
+                    f"graph of the same forward; the model is left partially prepared (use inplace=False to "
+                    f"keep the original)")
+
+    def on_instance(gm: torch.fx.GraphModule, a: list, index: int) -> Any:
+        with torch.no_grad():
+            out = gm.forward(*a)
+        t1 = time.perf_counter()
+        try:
+            report, editor, _, _ = rewrite_graph(gm, a, opts, index)
+        except Exception as e:
+            if opts.strict:
+                raise
+            report = GraphReport(index=index, lowering="prepare")
+            report.fallback = f"internal error during rewriting ({type(e).__name__}: {e})"
+            log.warning("bdpass.prepare: graph %d: %s", index, report.fallback)
+            editor = None
+        report.lowering = "prepare"
+        times["analysis"] += time.perf_counter() - t1
+        rep.graphs.append(report)
+        rep.instances.append(_label(a, idx))
+        if editor is None:
+            return out
+        decisions = editor.decisions
+        del editor
+        t2 = time.perf_counter()
+        try:
+            edits, bad = edits_for(decisions, a, idx, index)
+        except Exception as e:
+            if opts.strict:
+                raise
+            edits, bad = [], [NotPreparable("all", rep.instances[-1] or "graph", f"internal error "
+                                            f"({type(e).__name__}: {e})", index)]
+        del decisions
+        for ed in edits:
+            for t in ed.dropped:
+                edited.add(t)
+            for _, t, _ in ed.fold:
+                edited.add(t)
+            apply_edit(model, ed)
+            rep.edits.append(ed.summary())
+        rep.not_preparable.extend(bad)
+        times["edits"] += time.perf_counter() - t2
+        return out
+
+    t0 = time.perf_counter()
+    _, rep.graphs_compiled = run_captured(model, example_args, example_kwargs, on_instance, before_call,
+                                          split_layers=own["split_layers"])
+    t_run = time.perf_counter() - t0
+    rep.seconds = {"total": time.perf_counter() - t_start, "eager read count": t_reads,
+                   "compiled run": t_run, "analysis": times["analysis"],
+                   "validation": sum(g.validate_seconds for g in rep.graphs), "edits": times["edits"]}
+    rep.bytes_after = state_bytes(model)
+    for b in rep.not_preparable:
+        log.warning("bdpass.prepare: %s", b.line())
+    if reference is not None:
+        with torch.no_grad():
+            got = _flat_tensors(_as_flat(model(*example_args, **example_kwargs)))
+        compare_outputs(got, reference, opts.verify_tol, "bdpass.prepare verify")
+        rep.verified = "the prepared model matches the original on the example inputs"
+    model.bdpass_report = rep
+    set_config_plan(model, plan_of(model))
+    rep.seconds["total"] = time.perf_counter() - t_start
+    return model
+
+
+def _as_flat(out: Any) -> Any:
+    """Tensors of a model output (tuples, lists, dicts, ``ModelOutput``s, caches left out)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) or hasattr(out, "to_tuple"):
+        items = out.values() if isinstance(out, Mapping) else out.to_tuple()
+        return [_as_flat(v) for v in items]
+    if isinstance(out, (list, tuple)):
+        return [_as_flat(v) for v in out]
+    return []

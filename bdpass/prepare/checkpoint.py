@@ -1,0 +1,250 @@
+"""Saving and loading prepared models with the usual tools, never factorizing on load.
+
+A prepared model's tensors are in its ``state_dict`` like any module's (factors under the
+replacing modules' names, folded partner weights under their own names). What a fresh
+model of the same architecture lacks to accept that ``state_dict`` is the *plan*: which
+modules were replaced by what, with which shapes. :func:`plan_of` reads it off a prepared
+model (every prepared module describes itself); :func:`apply_plan` gives a fresh model the
+same modules, allocated but empty (a *skeleton*); then ``load_state_dict`` fills them.
+
+The plan is a small JSON document::
+
+    {"format": "bdpass.plan/1", "bdpass_version": "0.1.0",
+     "modules": {"model.layers.0.self_attn.kv_b_proj":
+                    {"type": "BDLinear", "replaces": "Linear", "in_features": 512,
+                     "out_features": 4096, "tables": [128, ..., 0],
+                     "blocks": [[table, first column, width, has_bias], ...], "dtype": "float32"},
+                 "model.layers.0.mlp.up.u_proj":
+                    {"type": "PivotLinear", "replaces": "Linear", "in_features": 1024, "rank": 256,
+                     "out_features": 1024, "bias": true, "restore_order": true, "dtype": "float32"},
+                 "model.layers.0.mlp.up.v_proj":
+                    {"type": "Absorbed", "replaces": "Linear", "in_features": 1024, "out_features": 256,
+                     "into": "model.layers.0.mlp.up.u_proj"}},
+     "folded": ["model.layers.0.self_attn.q_proj.weight", ...]}
+
+``folded`` names the weights ``B`` was folded into (same shapes: nothing to allocate;
+informational).
+
+Where it is stored:
+
+* safetensors (:func:`save_prepared` / :func:`load_prepared`): the model's ``state_dict``
+  (tied tensors once, as ``safetensors.torch.save_model`` writes them) with the plan in the
+  file's metadata under ``"bdpass.plan"``.
+* transformers (``model.save_pretrained`` / :func:`from_pretrained`): ``prepare`` puts the
+  plan in ``model.config.bdpass``, so ``save_pretrained`` writes it into ``config.json``
+  next to the weights; :func:`from_pretrained` loads the model with transformers, applies
+  the plan and reads the prepared modules' tensors from the checkpoint.
+
+No pickle anywhere: JSON and safetensors only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .modules import PREPARED_TYPES, from_spec
+
+__all__ = ["PLAN_FORMAT", "METADATA_KEY", "plan_of", "apply_plan", "read_plan", "save_prepared", "load_prepared",
+           "from_pretrained", "set_config_plan"]
+
+PLAN_FORMAT = "bdpass.plan/1"
+METADATA_KEY = "bdpass.plan"
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def plan_of(model: nn.Module) -> dict:
+    """The plan of a prepared model (see the module docstring)."""
+    modules = {path: m.spec() for path, m in model.named_modules() if isinstance(m, PREPARED_TYPES)}
+    folded: list[str] = []
+    rep = getattr(model, "bdpass_report", None)
+    if rep is not None:
+        folded = sorted({n for e in rep.edits for n in e["folded"]})
+    else:
+        old = getattr(getattr(model, "config", None), "bdpass", None)
+        if isinstance(old, dict):
+            folded = list(old.get("folded", []))
+    return {"format": PLAN_FORMAT, "bdpass_version": _version(), "modules": modules, "folded": folded}
+
+
+def set_config_plan(model: nn.Module, plan: dict) -> None:
+    """Record the plan in a transformers model's config (``config.bdpass``)."""
+    cfg = getattr(model, "config", None)
+    try:
+        from transformers import PretrainedConfig
+    except Exception:
+        return
+    if isinstance(cfg, PretrainedConfig):
+        cfg.bdpass = plan
+
+
+def _check_plan(plan: Any, where: str) -> dict:
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT or not isinstance(plan.get("modules"), dict):
+        raise ValueError(f"bdpass: {where} holds no prepared-model plan of format {PLAN_FORMAT!r}")
+    return plan
+
+
+def _features(m: nn.Module) -> tuple[str | None, int | None, int | None]:
+    from .edits import _module_kind
+
+    kind = _module_kind(m)
+    if kind == "Linear":
+        return kind, m.in_features, m.out_features
+    if kind == "Conv1D":
+        return kind, int(m.weight.shape[0]), int(m.weight.shape[1])
+    return None, None, None
+
+
+def _replaced_features(spec: dict) -> tuple[int, int]:
+    """(in, out) features of the module a prepared module replaced: a PivotLinear takes the
+    place of its chain's second linear (rank -> out), the others of a module of their own
+    width."""
+    if spec.get("type") == "PivotLinear":
+        return int(spec["rank"]), int(spec["out_features"])
+    return int(spec["in_features"]), int(spec["out_features"])
+
+
+def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
+    """Give ``model`` (a fresh model of the architecture the plan was made on) the plan's
+    prepared modules, allocated on each replaced module's device and in its dtype but not
+    filled: the skeleton that ``load_state_dict`` of a prepared model's state fills. Nothing
+    is factorized. Raises ``ValueError`` naming the first module that does not match."""
+    plan = _check_plan(plan, "the plan given")
+    for path, spec in plan["modules"].items():
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"bdpass: the plan replaces module {path!r}, which this model does not have; "
+                             f"it was prepared for a different architecture") from None
+        if isinstance(m, PREPARED_TYPES):
+            want = {k: v for k, v in spec.items() if k != "dtype"}
+            if {k: v for k, v in m.spec().items() if k != "dtype"} != want:
+                raise ValueError(f"bdpass: {path} is already a prepared module of another shape")
+            continue
+        kind, d_in, d_out = _features(m)
+        want = _replaced_features(spec)
+        if kind != spec.get("replaces") or (d_in, d_out) != want:
+            have = f"{kind or type(m).__name__}({d_in}, {d_out})" if kind else type(m).__name__
+            raise ValueError(f"bdpass: the plan replaces {path} = {spec.get('replaces')}({want[0]}, {want[1]}), "
+                             f"this model has {have}; it was prepared for a different architecture")
+        w = m.weight
+        new = from_spec(spec, device=w.device, dtype=w.dtype, requires_grad=w.requires_grad)
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
+    set_config_plan(model, plan)
+    return model
+
+
+# ============================================================================ safetensors
+def save_prepared(model: nn.Module, path: Any, metadata: dict | None = None) -> None:
+    """Write ``model.state_dict()`` to the safetensors file ``path`` (tied tensors once) with
+    the plan in its metadata. Read it back with :func:`load_prepared`."""
+    from safetensors.torch import save_model
+
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta[METADATA_KEY] = json.dumps(plan_of(model))
+    save_model(model, str(path), metadata=meta)
+
+
+def read_plan(path: Any) -> dict:
+    """The plan stored in a safetensors file written by :func:`save_prepared`, or in a
+    transformers checkpoint directory's ``config.json``."""
+    path = str(path)
+    if os.path.isdir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            return _check_plan(json.load(f).get("bdpass"), f"{path}/config.json")
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return _check_plan(meta.get(METADATA_KEY), path)
+
+
+def load_prepared(model: nn.Module, path: Any, *, strict: bool = True) -> nn.Module:
+    """Load a file written by :func:`save_prepared` into ``model``, a fresh model of the
+    same architecture and config: the plan is applied (:func:`apply_plan`), then every tensor
+    is loaded from the file (``strict``: the file and the model hold the same names).
+    Returns ``model``. Nothing is factorized."""
+    from safetensors.torch import load_model
+
+    apply_plan(model, read_plan(path))
+    missing, unexpected = load_model(model, str(path), strict=strict)
+    if not strict and (missing or unexpected):
+        import logging
+
+        logging.getLogger("bdpass").info("bdpass.load_prepared: missing %s, unexpected %s", missing, unexpected)
+    return model
+
+
+# ============================================================================ transformers
+def _checkpoint_files(path: str) -> dict[str, str]:
+    """tensor name -> safetensors file of a transformers checkpoint directory."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            wm = json.load(f)["weight_map"]
+        return {k: os.path.join(path, v) for k, v in wm.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"bdpass.from_pretrained: no model.safetensors(.index.json) in {path}")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def from_pretrained(model_class: Any, path: Any, /, **kwargs: Any) -> nn.Module:
+    """Load a prepared transformers model saved with ``save_pretrained``:
+    ``model_class.from_pretrained(path, **kwargs)`` (``model_class``: the model's class or an
+    ``AutoModel*`` class; ``kwargs`` as for transformers, e.g. ``dtype``), then the plan in
+    ``config.bdpass`` is applied and the prepared modules' tensors are read from the
+    checkpoint. Nothing is factorized. The weights the prepared modules replaced are absent
+    from the checkpoint: transformers initializes them before they are discarded (its
+    warnings about missing and unexpected keys are silenced here)."""
+    from safetensors import safe_open
+    from transformers.utils import logging as hf_logging
+
+    path = str(path)
+    plan = read_plan(path)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = model_class.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    if isinstance(model, tuple):        # output_loading_info=True
+        model = model[0]
+    apply_plan(model, plan)
+    files = _checkpoint_files(path)
+    wanted: dict[str, torch.Tensor] = {}
+    for mpath in plan["modules"]:
+        for k, t in model.get_submodule(mpath).state_dict(keep_vars=True).items():
+            wanted[f"{mpath}.{k}"] = t
+    missing = sorted(k for k in wanted if k not in files)
+    if missing:
+        raise ValueError(f"bdpass.from_pretrained: {path} lacks the prepared tensors {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    by_file: dict[str, list[str]] = {}
+    for k in wanted:
+        by_file.setdefault(files[k], []).append(k)
+    with torch.no_grad():
+        for fname, keys in by_file.items():
+            with safe_open(fname, framework="pt") as f:
+                for k in keys:
+                    src = f.get_tensor(k)
+                    dst = wanted[k]
+                    if tuple(src.shape) != tuple(dst.shape):
+                        raise ValueError(f"bdpass.from_pretrained: {k} has shape {tuple(src.shape)} in the "
+                                         f"checkpoint, the plan allocates {tuple(dst.shape)}")
+                    dst.copy_(src)
+    return model
