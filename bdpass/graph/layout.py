@@ -970,10 +970,13 @@ class _Analysis:
             self._qk(node, ia, np.swapaxes(ib, -1, -2), nd)
             self.L[node] = None
             return None
-        if node in self.score_nodes and ((a_chan and ib is None) or (b_chan_k and ia is None)):
-            # attention scores whose queries (or keys) come from no linear of this graph (a
-            # cache, or a projection rewritten by another pass): the tracked side escapes
-            # and the scores carry no channels, so the value path stays analysable
+        if node in self.score_nodes and a_chan != b_chan_k:
+            # attention scores one of whose sides carries no channels of a linear of this
+            # graph: queries (or keys) from a cache, a projection rewritten by another pass,
+            # or values only touched on the way (e.g. a chain whose input came through a
+            # norm). The verdict goes to the QK event (a touched side gives its reason, an
+            # untracked one makes the other escape) and the scores carry no channels, so the
+            # value path stays analysable
             none = np.full((1,) * nd, UNTRACKED, dtype=np.int64)
             self._qk(node, ia if ia is not None else none, np.swapaxes(ib if ib is not None else none, -1, -2), nd)
             self.L[node] = None
