@@ -47,24 +47,38 @@ def stated_bound(model):
 
 
 def forbid_factorization(monkeypatch):
-    """From now on any factorization raises: loading must take every tensor from the file."""
+    """From now on any factorization raises: loading must take every tensor from the file.
+    Every name patched exists (a renamed entry point fails here rather than going unpatched)."""
     import bdpass.identities
     import bdpass.identities.bd
     import bdpass.identities.pifa
     import bdpass.identities.pivots
+    import bdpass.identities.shared
     import bdpass.rewrites.bd_attention
     import bdpass.rewrites.pifa
 
+    calls = []
+
     def forbidden(*a, **k):
+        calls.append(1)
         raise AssertionError("a factorization was computed")
 
-    for mod in (bdpass.identities, bdpass.identities.bd, bdpass.identities.pifa, bdpass.rewrites.pifa,
-                bdpass.rewrites.bd_attention, bdpass.identities.pivots):
-        for name in ("pifa_factors", "bd_factors", "bd_factors_with_rows", "pivoted_qr", "pivot_columns",
-                     "form_factors", "rewrite_graph"):
-            monkeypatch.setattr(mod, name, forbidden, raising=False)
-    monkeypatch.setattr(bdpass.backend, "rewrite_graph", forbidden)
-    monkeypatch.setattr(bdpass.prepare.apply, "rewrite_graph", forbidden)
+    targets = {
+        bdpass.identities: ("pifa_factors", "bd_factors", "bd_factors_with_rows", "pivoted_qr", "pivot_columns"),
+        bdpass.identities.bd: ("bd_factors", "bd_factors_with_rows", "pivoted_qr"),
+        bdpass.identities.pifa: ("pifa_factors", "pivoted_qr"),
+        bdpass.identities.pivots: ("pivoted_qr", "pivot_columns"),
+        bdpass.identities.shared: ("shared_rows", "grouped_rows"),
+        bdpass.rewrites.pifa: ("pifa_factors",),
+        bdpass.rewrites.bd_attention: ("bd_factors_with_rows", "pivot_columns", "form_factors"),
+        bdpass.backend: ("rewrite_graph",),
+        bdpass.prepare.apply: ("rewrite_graph",),
+        torch.linalg: ("qr", "solve", "inv", "svd", "lstsq", "lu_factor"),
+    }
+    for mod, names in targets.items():
+        for name in names:
+            monkeypatch.setattr(mod, name, forbidden)
+    return calls
 
 
 def index_bytes(model):
@@ -379,7 +393,10 @@ def test_state_dict_round_trip_through_safetensors(tmp_path, monkeypatch):
     assert plan["modules"]["mlp.up.v_proj"] == {"type": "Absorbed", "replaces": "Linear", "in_features": 64,
                                                  "out_features": 16, "into": "mlp.up.u_proj"}
     assert "attn.q_proj.weight" in plan["folded"]
-    forbid_factorization(monkeypatch)
+    calls = forbid_factorization(monkeypatch)
+    with pytest.raises(AssertionError, match="factorization was computed"):    # the patch is effective
+        bdpass.prepare(_block(), x, options={**ALL, "strict": True})
+    calls.clear()
     fresh = _block(seed=123)          # same architecture, other weights
     assert not torch.equal(run(fresh, (x,)), run(model, (x,)))
     loaded = bdpass.load_prepared(fresh, path)
@@ -390,6 +407,7 @@ def test_state_dict_round_trip_through_safetensors(tmp_path, monkeypatch):
     other = bdpass.apply_plan(_block(seed=7), plan)
     other.load_state_dict(model.state_dict())
     assert torch.equal(run(other, (x,)), run(model, (x,)))
+    assert not calls
 
 
 def test_plan_refuses_other_architectures(tmp_path):
@@ -443,11 +461,25 @@ def test_deepseek_v2_save_pretrained_from_pretrained(deepseek, tmp_path, monkeyp
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["bdpass"]["modules"]["model.layers.0.self_attn.kv_b_proj"]["type"] == "BDLinear"
-    forbid_factorization(monkeypatch)
+    assert not any(k.endswith("kv_b_proj.weight") for k in _checkpoint_keys(tmp_path)), "replaced weights saved"
+    calls = forbid_factorization(monkeypatch)
     loaded = bdpass.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
     assert isinstance(loaded.model.layers[1].self_attn.kv_b_proj, bdpass.BDLinear)
     assert torch.equal(run(loaded, args, kwargs), run(model, args, kwargs))
     assert bdpass.prepare.state_bytes(loaded) == bdpass.prepare.state_bytes(model)
+    ids = args[0][:1]
+    assert torch.equal(_generate(loaded, ids), _generate(model, ids))
+    assert not calls
+
+
+def _checkpoint_keys(path):
+    from safetensors import safe_open
+
+    keys = set()
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            keys |= set(h.keys())
+    return keys
 
 
 def _generate(model, ids, compiled=False, **kw):
