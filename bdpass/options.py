@@ -33,9 +33,14 @@ class BDOptions:
                         rewrites whose measured output error grows by more than the budget.
                         The worst-case first-order bound (PIFA 1 + ||C'||_2, BD cond(B)) is
                         reported as ``error_bound``.
-    cost_model          skip a rewrite that the roofline estimate says would be slower than
-                        the original on the graph's device at its token count (bdpass.cost).
-                        False applies every legal rewrite (smallest weights, maybe slower).
+    cost_model          decide by measurement: time the original computation and each
+                        candidate lowering (BD: per-head, grouped and shared bases; PIFA: the
+                        factorized chain) on the graph's device at its token count, with
+                        synthetic factors of the site's shapes (bdpass.timing; cached per
+                        machine), and keep the fastest form only if it beats the original by
+                        the margin of bdpass.cost; the roofline of bdpass.cost decides only
+                        where nothing can be timed (fake or meta tensors). False applies every
+                        legal rewrite in its most accurate form (per-head bases).
     min_saving          smallest fraction of a site's weights a rewrite must save; below it
                         the site is skipped (e.g. LoRA's rank-8 adapters save ~0.1%).
     lowering            "inductor" (default), "aot_eager" or "eager" (debugging).

@@ -56,15 +56,19 @@ def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a.double() - ref) / torch.linalg.vector_norm(ref))
 
 
-def bench(fn, x, reps: int) -> float:
+def bench(fns: dict, x, reps: int) -> dict:
+    """Median seconds per call of each function, calls interleaved (one of each per round),
+    so that a machine that changes speed affects all of them alike."""
     for _ in range(3):
-        fn(x)
-    times = []
+        for fn in fns.values():
+            fn(x)
+    times: dict = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -92,15 +96,15 @@ def main() -> None:
             f_bd = torch.compile(copy.deepcopy(model), backend="bd",
                                  options={"cost_model": False} if args.all else None)
             y_bd = f_bd(x)
-        t_ind = bench(f_ind, x, args.reps)
-        t_bd = bench(f_bd, x, args.reps)
+        t = bench({"inductor": f_ind, "bd": f_bd}, x, args.reps)
+        t_ind, t_bd = t["inductor"], t["bd"]
 
     before, after = report.params_before, report.params_after
     print(f"model: {args.layers} blocks, d={args.d}, rank={r}, tokens={args.tokens}, torch {torch.__version__}")
     print(f"weights: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% saved)")
     print(f"relative L2 error vs float64: inductor {rel_l2(y_ind, ref):.3e}   bd {rel_l2(y_bd, ref):.3e}")
     print(f"speed: bd / inductor = {t_ind / t_bd:.3f}x  (inductor {t_ind * 1e3:.2f} ms, bd {t_bd * 1e3:.2f} ms, "
-          f"median of {args.reps}, CPU times are indicative only)")
+          f"medians of {args.reps} interleaved calls, CPU times are indicative only)")
     print()
     print(report)
 
