@@ -194,6 +194,49 @@ def test_one_layer_of_float64_work_at_a_time(monkeypatch):
     assert_side_by_side(original, model, (x,))
 
 
+def live_tensor_bytes():
+    """Bytes of every CPU tensor storage reachable from Python (each storage once)."""
+    gc.collect()
+    seen = {}
+    for o in gc.get_objects():
+        if type(o) in (torch.Tensor, nn.Parameter) and o.device.type == "cpu":
+            try:
+                st = o.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            except RuntimeError:
+                continue
+    return sum(seen.values())
+
+
+def test_peak_memory_is_the_model_plus_one_layer_of_float64_work(monkeypatch):
+    """Live tensors when an instance's analysis has just finished (its float64 factors,
+    validation results and decisions all alive, the most preparing holds) minus the original
+    model: the same for 2 and 4 layers, and at most twice one layer's weights in float64
+    (a float64 copy of the weights plus float64 factors of about the same size)."""
+    import bdpass.prepare.apply as apply_mod
+
+    real = apply_mod.rewrite_graph
+    extra = {}
+    for n in (2, 4):
+        torch.manual_seed(0)
+        model = Stack(n).eval()
+        x = torch.randn(2, 12, 64)
+        base = live_tensor_bytes()
+        samples = extra[n] = []
+
+        def sampling(gm, args, opts, index):
+            out = real(gm, args, opts, index)
+            samples.append(live_tensor_bytes() - base)
+            return out
+
+        monkeypatch.setattr(apply_mod, "rewrite_graph", sampling)
+        bdpass.prepare(model, x, options=ALL)
+        assert len(model.bdpass_report.edits) == 4 * n, str(model.bdpass_report)
+        layer64 = 2 * bdpass.prepare.state_bytes(Block())
+        assert max(samples) <= 2 * layer64, (samples, layer64)
+    assert max(extra[4]) <= 1.02 * max(extra[2]), extra
+
+
 class Breaks(nn.Module):
     """A data-dependent branch (a graph break) between two low-rank chains."""
 
