@@ -9,6 +9,12 @@ to float64 rounding grown by the rewrites' error bounds. A mismatch means the an
 the rewrite is wrong for this graph: the backend then refuses the rewrites responsible
 (each is tried alone to find them) and says why in the report.
 
+Neither these runs nor any other check communicates: under tensor parallelism each rank
+validates its own graph, and ranks may decide differently (one rewrites, another does not),
+so every run here goes through :class:`bdpass.graph.exact.LocalInterpreter`, whose
+collectives are local stand-ins of the right shapes, the same in both graphs of a
+comparison. A graph on DTensors is not run (its rewrites are refused).
+
 What this does not check: the rounding of the factors to the model's dtype (that is what
 the error bound and budget are for), and behaviour on inputs whose control flow differs
 from the example's (a Dynamo graph has none: a different path is a different graph).
@@ -23,7 +29,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-from .graph.exact import Float64Interpreter, float64_inputs
+from .graph.exact import Float64Interpreter, LocalInterpreter, float64_inputs
 from .runtime import VerificationError, compare_outputs
 
 # Relative-L2 tolerance per unit of error bound: float64 rounding (1.1e-16) grown by the
@@ -125,7 +131,7 @@ def _run_native(gm: torch.fx.GraphModule, inputs: Sequence[Any], weights: set[in
             for i, t in enumerate(inputs)]
     with torch.no_grad(), torch.random.fork_rng(devices=_devices(inputs)):
         torch.manual_seed(0)
-        out = gm.forward(*args)
+        out = LocalInterpreter(gm).run(*args)
     return [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
 
 

@@ -15,6 +15,11 @@ Two sharding styles, each rank compiling its own module with ``backend="bd"``:
 Collectives between a projection and its partner are never passed through: verdicts with
 their reasons are asserted (an all-reduce of partial sums, an all-gather along channels).
 
+Ranks decide on their own: the checks that rerun a graph (validation) use local stand-ins of
+the collectives and never communicate, so a rank that rewrites (or validates units alone)
+where another does not still pairs its real collectives with the other's
+(``test_ranks_that_decide_differently``).
+
 Every multi-process test spawns its ranks with ``torch.multiprocessing`` (spawn), on a free
 port, bounded in time (the ranks are killed at the deadline); each rank writes its results
 as JSON and the assertions run here. One spawn runs several models (process start and
@@ -186,6 +191,62 @@ def dtensor_program(rank: int, world: int, names: list[str], lowering: str = "ao
     return out
 
 
+def degenerate_values(full: torch.nn.Module, world: int) -> None:
+    """Make the V projection of every KV head of the last rank rank-deficient (the second
+    half of a head's channels repeats the first), so BD-VO is illegal there and legal on the
+    other ranks."""
+    hd, kvh = full.hd, full.k_proj.weight.shape[0] // full.hd
+    with torch.no_grad():
+        w = full.v_proj.weight
+        for h in range(kvh - kvh // world, kvh):
+            rows = w[h * hd:(h + 1) * hd]
+            rows[hd // 2:] = rows[: hd // 2]
+
+
+def divergent_program(rank: int, world: int, lowering: str = "aot_eager") -> dict:
+    """Ranks that decide differently, each compiling its own module (its checks must never
+    communicate, or they would pair with another rank's real collectives):
+
+    * ``gqa``: the last rank's V weights make BD-VO illegal there; the other ranks rewrite;
+    * ``mla``: the last rank compiles with BD turned off;
+    * ``lowrank``: rank 0's PIFA factors are wrong (a broken rewrite), so rank 0's validation
+      fails, tries each chain alone and refuses them; the other ranks' validation passes."""
+    import bdpass
+    from bdpass.rewrites import pifa as pifa_rw
+
+    group = dist.group.WORLD
+    last = rank == world - 1
+    out: dict = {}
+    for name in ("gqa", "mla", "lowrank"):
+        full = dm.build(name)
+        if name == "gqa":
+            degenerate_values(full, world)
+        opts = {**OPTIONS, "lowering": lowering}
+        if name == "mla" and last:
+            opts.update(bd_qk=False, bd_vo=False)
+        real = pifa_rw._derived
+        if name == "lowrank" and rank == 0:
+            def derived(f, *a):
+                o = real(f, *a)
+                o[0] = o[0] * 1.01
+                return o
+            pifa_rw._derived = derived
+        x = _example()
+        try:
+            with torch.no_grad():
+                ref = copy.deepcopy(full).double()(x.double())
+                local = dm.shard(full, rank, world, group)
+                eager = local(x)
+                torch._dynamo.reset()
+                with bdpass.collect_reports() as rep:
+                    y = torch.compile(local, backend="bd", options=opts)(x)
+                torch._dynamo.reset()
+        finally:
+            pifa_rw._derived = real
+        out[name] = _summary(rep, y, ref, eager)
+    return out
+
+
 # ============================================================================ assertions
 SEND = "sent to the other ranks by"
 BASIS = "a rank cannot fold its partner with another rank's basis"
@@ -302,18 +363,47 @@ def check_collectives_between(results: list[dict], world: int) -> None:
         assert res["err"] <= 1.5 * res["eager_err"], res
 
 
-def check_dtensor(results: list[dict]) -> None:
+def check_dtensor(results: list[dict], names=("mla", "gqa", "lowrank")) -> None:
     for rank, rr in enumerate(results):
-        for name in ("mla", "gqa", "lowrank"):
+        for name in names:
             res = rr[name]
             assert res["err"] < 1e-5, (name, res["err"])      # eager DTensor ~1e-7: nothing was rewritten
             assert res["rewrites"] == [], (name, res["rewrites"])
             assert all(f is None for f in res["fallback"]), res["fallback"]
-        for name in ("mla", "gqa"):
+        for name in {"mla", "gqa"} & set(names):
             reasons = {(s["kind"], s["reason"]) for s in rr[name]["skipped"]}
             assert {k for k, _ in reasons} == {"bd_qk", "bd_vo"}, reasons
             assert all(r.startswith("DTensor placement change (DTensor.") and "prepare the model before sharding"
                        in r for _, r in reasons), reasons
+
+
+def check_divergent(results: list[dict], world: int) -> None:
+    """Every rank finished (no check paired with another rank's collective) with outputs
+    equal to the unsharded model's, each with its own decisions."""
+    for rank, rr in enumerate(results):
+        last = rank == world - 1
+        for name in ("gqa", "mla", "lowrank"):
+            res = rr[name]
+            assert res["err"] <= 1.5 * res["eager_err"], (rank, name, res["err"], res["eager_err"])
+        gqa, mla, low = rr["gqa"], rr["mla"], rr["lowrank"]
+        if last:
+            assert gqa["rewrites"] == [], gqa
+            # refused with its reason: a skip, or the whole graph compiled as it is
+            assert any(s["kind"] == "bd_vo" and "singular" in s["reason"] for s in gqa["skipped"]) or \
+                any(f and "singular" in f for f in gqa["fallback"]), (gqa["skipped"], gqa["fallback"])
+            assert mla["rewrites"] == [], mla
+        else:
+            assert _kinds(gqa) == {"bd_vo": 1}, gqa
+            assert _kinds(mla) == {"bd_qk": 1, "bd_vo": 1}, mla
+        for res in ([gqa] if not last else []) + ([mla] if not last else []):
+            assert all(v.startswith("passed") for v in res["validation"]), res["validation"]
+        if rank == 0:
+            assert low["rewrites"] == [], low
+            refused = [s for s in low["skipped"] if s["reason"].startswith("validation:")]
+            assert [s["kind"] for s in refused] == ["pifa", "pifa"], low["skipped"]
+        else:
+            assert _kinds(low) == {"pifa": 2}, low
+            assert all(v.startswith("passed") for v in low["validation"]), low["validation"]
 
 
 # ============================================================================ analysis of collectives
@@ -533,6 +623,79 @@ def test_collective_stand_ins():
             collective_stand_in(bad, (t,), {})
 
 
+def test_checks_run_graphs_without_communicating():
+    """Validation's runs of a graph with collectives (float64 and model dtype) use the local
+    stand-ins: they run here without any process group, the original and a rewritten graph
+    compare equal, and a wrong rewrite is still caught. A graph on DTensors, or with a
+    collective without a stand-in, is not run at all."""
+    from bdpass import validate as val
+    from bdpass.graph.exact import CommunicatingGraph, Float64Interpreter, LocalInterpreter
+
+    assert not dist.is_initialized()
+
+    def graph(scale: float):
+        b = GraphBuilder()
+        x, k = _projection(b)
+        w2 = b.input("w2", HIDDEN, 32, param=True)
+        y = b.call(F_.linear, k, w2, val=_t(2, 6, HIDDEN))
+        if scale != 1.0:
+            y = b.call(torch.mul, y, scale, val=_t(2, 6, HIDDEN))
+        ar = b.call(C10D.all_reduce, y, "sum", "0", val=_t(2, 6, HIDDEN))
+        wt = b.call(C10D.wait_tensor, ar, val=_t(2, 6, HIDDEN))
+        ag = b.call(C10D.all_gather_into_tensor, wt, 2, "0", val=_t(4, 6, HIDDEN))
+        b.g.output((b.call(C10D.wait_tensor, ag, val=_t(4, 6, HIDDEN)),))
+        return torch.fx.GraphModule(torch.nn.Module(), b.g), b.inputs
+
+    gm, inputs = graph(1.0)
+    torch.manual_seed(3)
+    inputs = [torch.randn_like(t) for t in inputs]
+    expect = F_.linear(F_.linear(inputs[0], inputs[1]), inputs[2])
+    (out,) = LocalInterpreter(gm).run(*inputs)
+    assert torch.equal(out, torch.cat([expect, expect]))
+    (out64,) = Float64Interpreter(gm).run(*inputs)
+    assert out64.dtype == torch.float64
+    e64 = F_.linear(F_.linear(inputs[0].double(), inputs[1].double()), inputs[2].double())
+    assert torch.allclose(out64, torch.cat([e64, e64]), rtol=1e-12, atol=0)
+    weights = {1, 2}
+    bad, ref = val.compare(gm, inputs, graph(1.0)[0], inputs, weights, 1e-12)
+    assert bad is None, bad
+    bad, _ = val.compare(gm, inputs, graph(1.0 + 1e-6)[0], inputs, weights, 1e-12, ref)
+    assert bad is not None and "relative L2 difference" in bad
+    e0, e1 = val.measured_errors(gm, inputs, graph(1.0)[0], inputs, weights, ref)
+    assert e0 == e1 and e0 < 1e-6
+
+    for make in (lambda b, t: b.call(dist.all_reduce, t, val=None),           # in place: no stand-in
+                 lambda b, t: b.call("to_local", t, method=True, val=_t(2, 6, 32))):
+        b = GraphBuilder()
+        x, k = _projection(b)
+        b.g.output((make(b, k),))
+        with pytest.raises(CommunicatingGraph):
+            LocalInterpreter(torch.fx.GraphModule(torch.nn.Module(), b.g)).run(*b.inputs)
+
+
+def test_checks_refuse_dtensor_values(monkeypatch):
+    """Any op on a DTensor may communicate: a local run refuses it (on a one-rank mesh here)."""
+    from bdpass.graph.exact import CommunicatingGraph, LocalInterpreter
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        b = GraphBuilder()
+        x, k = _projection(b)
+        b.g.output((b.call(torch.relu, k, val=_t(2, 6, 32)),))
+        gm = torch.fx.GraphModule(torch.nn.Module(), b.g)
+        x_dt = DTensor.from_local(torch.randn(2, 6, HIDDEN), mesh, [Replicate()])
+        with pytest.raises(CommunicatingGraph, match="DTensor"):
+            LocalInterpreter(gm).run(x_dt, b.inputs[1])
+        assert LocalInterpreter(gm).run(torch.randn(2, 6, HIDDEN), b.inputs[1])[0].shape == (2, 6, 32)
+    finally:
+        dist.destroy_process_group()
+
+
 # ============================================================================ CI tests
 FUNCOL_MODELS = ["mla", "gqa", "lowrank", "row_keys", "gathered"]
 
@@ -566,6 +729,13 @@ def test_funcol_inductor_mla():
     """The rewritten graph with its all-reduce lowered by Inductor (C++ on CPU)."""
     res = run_ranks("funcol_program", 2, names=["mla"], lowering="inductor", unsharded=False)
     check_mla(res, 2)
+
+
+def test_ranks_that_decide_differently():
+    """One rank rewrites where another does not, or validates units alone: the checks run
+    without communicating, so the ranks' real collectives still pair up (a hang would hit
+    the process group's 30 s timeout)."""
+    check_divergent(run_ranks("divergent_program", 2, pg_timeout=30), 2)
 
 
 def test_dtensor_parallelize_module():

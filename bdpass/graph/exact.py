@@ -9,6 +9,15 @@ graph written for half precision runs in float64 from its inputs to its outputs.
 Weights are converted when an op reads them, not up front: a graph over a large model
 holds one weight at a time in float64, plus the live activations (values are freed after
 their last use).
+
+Every run of a graph that is not the model's own run (the float64 reference, the model-dtype
+runs of validation) goes through :class:`LocalInterpreter`, which never communicates: a
+collective of ``torch.distributed`` is replaced by its local stand-in
+(:func:`bdpass.graph.ops.collective_stand_in`). Ranks of a tensor-parallel model decide
+independently (one may rewrite a graph that another leaves alone, or validate a unit alone);
+their checks must not pair with another rank's real collectives. A graph that computes on
+DTensors (where any op may communicate) or holds a collective without a local stand-in is
+not run: :class:`CommunicatingGraph` is raised, and validation refuses the rewrites.
 """
 from __future__ import annotations
 
@@ -52,7 +61,55 @@ def _narrow_tensor(v: Any) -> Any:
     return v
 
 
-class Float64Interpreter(torch.fx.Interpreter):
+class CommunicatingGraph(NotImplementedError):
+    """A graph whose extra runs would communicate with other ranks (see the module docstring)."""
+
+
+def _is_dtensor(v: Any) -> bool:
+    global _DTENSOR
+    if _DTENSOR is None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except Exception:                   # a build of torch without distributed
+            DTensor = ()
+        _DTENSOR = DTensor
+    return bool(_DTENSOR) and isinstance(v, _DTENSOR)
+
+
+_DTENSOR: Any = None
+
+
+class LocalInterpreter(torch.fx.Interpreter):
+    """Runs ``gm`` on this rank alone: every collective gives its local stand-in (the same
+    for every graph run this way, so two graphs compared on one rank see the same values
+    there), and nothing is sent to or received from another rank. Raises
+    :class:`CommunicatingGraph` on a DTensor value or a collective without a stand-in."""
+
+    def __init__(self, gm: torch.fx.GraphModule, garbage_collect_values: bool = True):
+        super().__init__(gm, garbage_collect_values=garbage_collect_values)
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op in ("call_function", "call_method"):
+            from .ops import collective, collective_stand_in
+
+            c = collective(n)
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            for v in (*args, *kwargs.values()):
+                if _is_dtensor(v) or (isinstance(v, (list, tuple)) and any(_is_dtensor(u) for u in v)):
+                    raise CommunicatingGraph(f"{n.name} computes on a DTensor (any op on one may communicate "
+                                             "with the other ranks)")
+            if c is not None:
+                try:
+                    return collective_stand_in(n, args, kwargs)
+                except NotImplementedError as e:
+                    raise CommunicatingGraph(f"{n.name}: {e}") from None
+        return self._run_node(n)
+
+    def _run_node(self, n: torch.fx.Node) -> Any:
+        return super().run_node(n)
+
+
+class Float64Interpreter(LocalInterpreter):
     """Runs ``gm`` in float64 (see the module docstring). ``on_value(node, value)`` is
     called with every computed value, if given.
 
@@ -66,15 +123,18 @@ class Float64Interpreter(torch.fx.Interpreter):
         self.narrowed: list[str] = []
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        try:
-            val = super().run_node(n)
-        except (RuntimeError, NotImplementedError) as e:
-            if n.op not in ("call_function", "call_method") or "Double" not in str(e):
-                raise
-            val = self._in_float32(n)
+        val = super().run_node(n)
         if self.on_value is not None:
             self.on_value(n, val)
         return val
+
+    def _run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            return super()._run_node(n)
+        except (RuntimeError, NotImplementedError) as e:
+            if n.op not in ("call_function", "call_method") or "Double" not in str(e):
+                raise
+            return self._in_float32(n)
 
     def _in_float32(self, n: torch.fx.Node) -> Any:
         args, kwargs = self.fetch_args_kwargs_from_env(n)
