@@ -23,7 +23,8 @@ where another does not still pairs its real collectives with the other's
 Every multi-process test spawns its ranks with ``torch.multiprocessing`` (spawn), on a free
 port, bounded in time (the ranks are killed at the deadline); each rank writes its results
 as JSON and the assertions run here. One spawn runs several models (process start and
-``import torch`` dominate on small models). The 4-rank sweep is ``@pytest.mark.slow``.
+``import torch`` dominate on small models). One small 4-rank run (both styles) is in the
+default set; the full 4-rank sweep is ``@pytest.mark.slow``.
 """
 from __future__ import annotations
 
@@ -245,6 +246,12 @@ def divergent_program(rank: int, world: int, lowering: str = "aot_eager") -> dic
             pifa_rw._derived = real
         out[name] = _summary(rep, y, ref, eager)
     return out
+
+
+def styles_program(rank: int, world: int, funcol: list[str], dtensor: list[str]) -> dict:
+    """Both sharding styles in one spawn (process start and ``import torch`` dominate)."""
+    return {"funcol": funcol_program(rank, world, funcol, unsharded=False),
+            "dtensor": dtensor_program(rank, world, dtensor)}
 
 
 # ============================================================================ assertions
@@ -740,6 +747,15 @@ def test_ranks_that_decide_differently():
 
 def test_dtensor_parallelize_module():
     check_dtensor(run_ranks("dtensor_program", 2, names=["mla", "gqa", "lowrank"]))
+
+
+def test_4_ranks_both_styles():
+    """4 ranks, kept small for CI: manual sharding (MLA, one head per rank; the low-rank chains
+    at a quarter of their rank) and DTensor (MLA), one spawn; the full sweep is slow."""
+    res = run_ranks("styles_program", 4, timeout=300, funcol=["mla", "lowrank"], dtensor=["mla"])
+    check_mla([r["funcol"] for r in res], 4)
+    check_lowrank([r["funcol"] for r in res], 4)
+    check_dtensor([r["dtensor"] for r in res], ["mla"])
 
 
 # ============================================================================ slow sweep
