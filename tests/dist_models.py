@@ -217,10 +217,9 @@ class GatheredHeads(nn.Module):
 
 
 # --------------------------------------------------------------------------- sharding
-def shard(full: nn.Module, rank: int, world: int, group) -> nn.Module:
-    """The module of ``rank`` of ``world``: the same class with local sizes (heads, ranks,
-    widths divided by ``world`` where the plan splits them), holding copies of its slices of
-    ``full``'s weights (nothing else of them), reducing over ``group``."""
+def skeleton(full: nn.Module, world: int, group) -> nn.Module:
+    """An empty module of one rank of ``world``: ``full``'s class with local sizes (heads,
+    ranks, widths divided by ``world`` where the plan splits them), reducing over ``group``."""
     cfg = dict(full.cfg)
     split = {"MLA": ["heads"], "GQABlock": ["heads", "kv_heads", "ffn"], "LowRankMLP": ["r_up", "r_down"],
              "RowParallelKeys": [], "GatheredHeads": []}[type(full).__name__]
@@ -229,7 +228,13 @@ def shard(full: nn.Module, rank: int, world: int, group) -> nn.Module:
         cfg[k] //= world
     if "world" in cfg:
         cfg["world"] = world
-    local = type(full)(**cfg, group=group)
+    return type(full)(**cfg, group=group)
+
+
+def shard(full: nn.Module, rank: int, world: int, group) -> nn.Module:
+    """The module of ``rank`` of ``world`` (:func:`skeleton`), holding copies of its slices of
+    ``full``'s weights (nothing else of them)."""
+    local = skeleton(full, world, group)
     state = {}
     for name, t in full.state_dict().items():
         how = full.TP_PLAN.get(name)
@@ -272,6 +277,11 @@ def dtensor_plan(name: str) -> dict:
         return {"v_up": ColwiseParallel(), "u_up": RowwiseParallel(), "v_down": ColwiseParallel(),
                 "u_down": RowwiseParallel()}
     raise KeyError(name)
+
+
+def module_plan(full: nn.Module) -> dict:
+    """``TP_PLAN`` by module path, as :func:`bdpass.shard.load_sharded` takes it."""
+    return {name.rpartition(".")[0]: kind for name, (kind, _) in full.TP_PLAN.items()}
 
 
 def n_params(m: nn.Module) -> int:

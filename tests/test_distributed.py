@@ -20,6 +20,10 @@ the collectives and never communicate, so a rank that rewrites (or validates uni
 where another does not still pairs its real collectives with the other's
 (``test_ranks_that_decide_differently``).
 
+**Prepared, then sharded** (``bdpass.shard``): each model is prepared once unsharded and
+saved as one safetensors checkpoint; every rank loads its heads' BD factors and its slice of
+the PIFA pivots from that file into its local module.
+
 Every multi-process test spawns its ranks with ``torch.multiprocessing`` (spawn), on a free
 port, bounded in time (the ranks are killed at the deadline); each rank writes its results
 as JSON and the assertions run here. One spawn runs several models (process start and
@@ -254,6 +258,64 @@ def styles_program(rank: int, world: int, funcol: list[str], dtensor: list[str])
             "dtensor": dtensor_program(rank, world, dtensor)}
 
 
+PREPARED_MODELS = ["mla", "gqa", "lowrank"]
+
+
+def prepare_checkpoints(outdir: str) -> None:
+    """Prepare each unsharded model once and save it (one safetensors file per model), with
+    the prepared model's outputs in float32 and float64 for the ranks to compare against."""
+    import bdpass
+    from safetensors.torch import save_file
+
+    refs = {}
+    x = _example()
+    for name in PREPARED_MODELS:
+        full = dm.build(name)
+        with torch.no_grad():
+            prep = bdpass.prepare(copy.deepcopy(full), x, options=OPTIONS, inplace=False)
+            bdpass.save_prepared(prep, os.path.join(outdir, f"{name}.safetensors"))
+            refs[f"{name}.prepared"] = prep(x)
+            refs[f"{name}.prepared64"] = copy.deepcopy(prep).double()(x.double())
+        torch._dynamo.reset()
+    save_file(refs, os.path.join(outdir, "refs.safetensors"))
+
+
+def prepared_program(rank: int, world: int, outdir: str, lowering: str = "aot_eager") -> dict:
+    """Load this rank's share of each prepared checkpoint into the rank's module (local
+    sizes, all-reduce after the row-parallel projections), run it in float32, in float64
+    (the loaded factors widened) and compiled with bd."""
+    import bdpass
+    from bdpass.prepare.modules import PREPARED_TYPES
+    from bdpass.shard import load_sharded
+    from safetensors.torch import load_file
+
+    group = dist.group.WORLD
+    refs = load_file(os.path.join(outdir, "refs.safetensors"))
+    x = _example()
+    out: dict = {}
+    for name in PREPARED_MODELS:
+        full = dm.build(name)
+        with torch.no_grad():
+            ref = copy.deepcopy(full).double()(x.double())
+            local = load_sharded(dm.skeleton(full, world, group), os.path.join(outdir, f"{name}.safetensors"),
+                                 dm.module_plan(full), rank, world)
+            y = local(x)
+            y64 = copy.deepcopy(local, {id(group): group}).double()(x.double())
+            torch._dynamo.reset()
+            with bdpass.collect_reports() as rep:
+                yc = torch.compile(local, backend="bd", options={**OPTIONS, "lowering": lowering})(x)
+            torch._dynamo.reset()
+        out[name] = {
+            "err": _rel(y, ref), "err_unsharded": _rel(refs[f"{name}.prepared"], ref),
+            "err64": _rel(y64, refs[f"{name}.prepared64"]), "err_compiled": _rel(yc, ref),
+            "validation": [g.validation for g in rep.graphs], "fallback": [g.fallback for g in rep.graphs],
+            "modules": {n: {"type": type(m).__name__, **m.spec()} for n, m in local.named_modules()
+                        if isinstance(m, PREPARED_TYPES)},
+            "factors": {k: list(v.shape) for k, v in local.state_dict().items()},
+        }
+    return out
+
+
 # ============================================================================ assertions
 SEND = "sent to the other ranks by"
 BASIS = "a rank cannot fold its partner with another rank's basis"
@@ -411,6 +473,42 @@ def check_divergent(results: list[dict], world: int) -> None:
         else:
             assert _kinds(low) == {"pifa": 2}, low
             assert all(v.startswith("passed") for v in low["validation"]), low["validation"]
+
+
+def check_prepared(results: list[dict], world: int) -> None:
+    """Per rank: the loaded shard run in float64 equals the unsharded prepared model in
+    float64 (the split is exact); in float32 its error against the original in float64 is
+    within 1.5x the unsharded prepared model's, eager and compiled with bd; each rank holds
+    the local prepared modules of its heads / rank slice, and only its share of the factors."""
+    mla, gqa, low = dm.MLA(), dm.GQABlock(), dm.LowRankMLP()
+    for rank, rr in enumerate(results):
+        for name in PREPARED_MODELS:
+            res = rr[name]
+            assert res["err64"] < 1e-12, (rank, name, res["err64"])
+            assert res["err"] <= 1.5 * res["err_unsharded"], (rank, name, res["err"], res["err_unsharded"])
+            assert res["err_compiled"] <= 1.5 * res["err_unsharded"], (rank, name, res["err_compiled"])
+            assert all(v is None or v.startswith("passed") for v in res["validation"]), res["validation"]
+            assert all(f is None for f in res["fallback"]), res["fallback"]
+        c = mla.cfg
+        (kv,) = rr["mla"]["modules"].items()
+        assert kv[0] == "kv_b_proj" and kv[1]["type"] == "BDLinear", kv
+        assert kv[1]["out_features"] == c["heads"] // world * (c["nope"] + c["v_dim"])
+        assert kv[1]["tables"] == [c["nope"]] * (c["heads"] // world * 2), kv      # K-nope and V of each head
+        factors = rr["mla"]["factors"]
+        n = sum(v[0] * v[1] for k, v in factors.items() if k.startswith("kv_b_proj.weight_"))
+        assert n == (c["latent"] - c["nope"]) * c["heads"] * (c["nope"] + c["v_dim"]) // world, n
+        c = gqa.cfg
+        (v,) = rr["gqa"]["modules"].items()
+        assert v[0] == "v_proj" and v[1]["out_features"] == c["kv_heads"] // world * c["head_dim"], v
+        n = sum(s[0] * s[1] for k, s in rr["gqa"]["factors"].items() if k.startswith("v_proj.weight_"))
+        assert n == (c["hidden"] - c["head_dim"]) * c["kv_heads"] * c["head_dim"] // world, n
+        c = low.cfg
+        mods = rr["lowrank"]["modules"]
+        rk = c["r_down"] // world
+        assert mods["v_down"]["type"] == "Absorbed" and mods["u_down"]["type"] == "PivotLinear", mods
+        assert mods["u_down"]["rank"] == rk, mods
+        f = rr["lowrank"]["factors"]
+        assert f["u_down.w_pivot"] == [c["ffn"], rk] and f["u_down.coeff"] == [rk, c["d"] - rk], f
 
 
 # ============================================================================ analysis of collectives
@@ -743,6 +841,109 @@ def test_ranks_that_decide_differently():
     without communicating, so the ranks' real collectives still pair up (a hang would hit
     the process group's 30 s timeout)."""
     check_divergent(run_ranks("divergent_program", 2, pg_timeout=30), 2)
+
+
+def test_prepared_then_sharded(tmp_path):
+    """Prepare once, save one checkpoint per model, load each rank's share of it."""
+    prepare_checkpoints(str(tmp_path))
+    check_prepared(run_ranks("prepared_program", 2, outdir=str(tmp_path)), 2)
+
+
+# ---------------------------------------------------------------------------- sharding, one process
+def _plan(**modules) -> dict:
+    from bdpass.prepare.checkpoint import PLAN_FORMAT
+
+    return {"format": PLAN_FORMAT, "bdpass_version": "test", "modules": modules, "folded": []}
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, **mods):
+        super().__init__()
+        for k, m in mods.items():
+            setattr(self, k, m)
+
+
+def test_shard_bd_linear_by_heads():
+    """A BDLinear split by heads: each rank's blocks, tables and factor columns; the ranks'
+    outputs side by side are the whole projection's; cuts inside a head and row splits are
+    refused."""
+    from bdpass.prepare.modules import from_spec
+    from bdpass.shard import ShardError, local_plan, shard_state
+
+    torch.manual_seed(0)
+    # two heads of 8 (table 0), two heads of 16 (table 1), 16 dense columns with bias (table 2)
+    spec = {"type": "BDLinear", "replaces": "Linear", "in_features": 24, "out_features": 64,
+            "tables": [8, 16, 0], "blocks": [[0, 0, 16, True], [1, 16, 32, False], [2, 48, 16, True]],
+            "dtype": "float64"}
+    full = from_spec(spec)
+    with torch.no_grad():
+        for n, t in full.named_parameters():
+            t.copy_(torch.randn_like(t))
+        for t, g in ((0, 8), (1, 16)):
+            perm = torch.randperm(24)
+            getattr(full, f"sel_{t}").copy_(perm[:g].sort().values)
+            getattr(full, f"rest_{t}").copy_(perm[g:].sort().values)
+        full.rest_2.copy_(torch.arange(24))
+    plan, state = _plan(p=spec), {f"p.{k}": v for k, v in full.state_dict().items()}
+    expect = [([8, 16], [[0, 0, 16, True], [1, 16, 16, False]]), ([16, 0], [[0, 0, 16, False], [1, 16, 16, True]])]
+    x = torch.randn(3, 24, dtype=torch.float64)
+    outs, n_factors = [], 0
+    for rank in range(2):
+        lp = local_plan(plan, {"p": "col"}, rank, 2)["modules"]["p"]
+        assert (lp["tables"], lp["blocks"], lp["out_features"]) == (*expect[rank], 32), lp
+        loc = shard_state(_Wrap(p=torch.nn.Linear(24, 32, dtype=torch.float64)), plan, state, {"p": "col"}, rank, 2)
+        assert loc.p.spec() == lp
+        outs.append(loc.p(x))
+        n_factors += sum(p.numel() for p in loc.p.parameters())
+    assert torch.allclose(torch.cat(outs, -1), full(x), rtol=1e-13, atol=0)
+    assert n_factors == sum(p.numel() for p in full.parameters())         # nothing held twice
+    assert local_plan(plan, {"p": "col"}, 3, 4)["modules"]["p"]["blocks"] == [[0, 0, 16, True]]
+    assert local_plan(plan, {"p": "col"}, 1, 8)["modules"]["p"]["blocks"] == [[0, 0, 8, True]]   # 2nd 8-head
+    for how, rank, world, msg in (("row", 1, 2, "by heads"), ("col", 2, 8, "cut a BD head"),
+                                  ("col", 1, 3, "not divisible")):
+        with pytest.raises(ShardError, match=msg):
+            local_plan(plan, {"p": how}, rank, world)
+
+
+@pytest.mark.parametrize("restore_order", [True, False])
+def test_shard_pivot_linear_by_rank_slices(restore_order):
+    """A PivotLinear split by rank slices: the ranks' outputs sum to the chain's (bias added
+    once), each rank holds its pivots' slice; a column split is refused."""
+    from bdpass.prepare.modules import from_spec
+    from bdpass.shard import ShardError, local_plan, shard_state
+
+    torch.manual_seed(1)
+    spec = {"type": "PivotLinear", "replaces": "Linear", "in_features": 20, "rank": 8, "out_features": 24,
+            "bias": True, "restore_order": restore_order, "dtype": "float64"}
+    full = from_spec(spec)
+    with torch.no_grad():
+        for t in full.parameters():
+            t.copy_(torch.randn_like(t))
+        if restore_order:
+            perm = torch.randperm(24)
+            full.pivots.copy_(perm[:8])
+            full.rest.copy_(perm[8:])
+    absorbed = {"type": "Absorbed", "replaces": "Linear", "in_features": 20, "out_features": 8, "into": "u"}
+    plan = _plan(v=absorbed, u=spec)
+    state = {f"u.{k}": v for k, v in full.state_dict().items()}
+    tp = {"v": "col", "u": "row"}
+    x = torch.randn(3, 20, dtype=torch.float64)
+    for world in (2, 4):
+        total, n_pivot = 0, 0
+        for rank in range(world):
+            loc = shard_state(_Wrap(v=torch.nn.Linear(20, 8 // world, dtype=torch.float64),
+                                    u=torch.nn.Linear(8 // world, 24, dtype=torch.float64)),
+                              plan, state, tp, rank, world)
+            assert loc.u.rank == 8 // world and loc.v.out_features == 8 // world
+            assert torch.equal(loc.u.w_pivot, full.w_pivot[:, rank * 8 // world:(rank + 1) * 8 // world])
+            total = total + loc.u(loc.v(x))
+            n_pivot += loc.u.w_pivot.numel()
+        assert torch.allclose(total, full(x), rtol=1e-13, atol=1e-13), world
+        assert n_pivot == full.w_pivot.numel()
+    with pytest.raises(ShardError, match="rank slices"):
+        local_plan(plan, {"v": "col", "u": "col"}, 0, 2)
+    with pytest.raises(ShardError, match="splits with its chain"):
+        local_plan(plan, {"v": "row", "u": "row"}, 0, 2)
 
 
 def test_dtensor_parallelize_module():
