@@ -556,3 +556,20 @@ def test_factors_stay_on_device():
     assert g.w_rest.device.type == "cuda" and g.basis64.device.type == "cpu"
     wq, bq_new = fold_query(Wq.to(dev), bq.to(dev), g)
     assert wq.device.type == "cuda" and bq_new.device.type == "cuda"
+
+
+def test_bd_singular_solve_is_a_factorization_error(monkeypatch):
+    """A pivot block that float64's solve finds exactly singular (its estimated condition
+    number can still be finite) refuses that rewrite with a reason, never an internal error
+    that would drop every rewrite of the graph."""
+    import bdpass.identities.bd as bdmod
+    from bdpass.identities.pivots import FactorizationError
+
+    def singular(*a, **k):
+        raise torch.linalg.LinAlgError("linalg.solve: The solver failed because the input matrix is singular.")
+
+    W = torch.randn(2, 16, 4, dtype=torch.float64)
+    assert bdmod.bd_factors(W).w_rest.shape[0] == 2          # the same weights factorize normally
+    monkeypatch.setattr(bdmod.torch.linalg, "solve", singular)
+    with pytest.raises(FactorizationError, match="singular"):
+        bdmod.bd_factors(W)

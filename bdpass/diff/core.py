@@ -88,6 +88,7 @@ import torch.fx
 
 from ..api import collect_reports
 from ..backend import bd_backend
+from ..graph.exact import LocalInterpreter
 from ..options import BDOptions
 from ..report import GraphReport, NodeRecord, Report, RewriteRecord
 
@@ -497,8 +498,10 @@ def _region_row(lb, ra, status, tag, region_of, roles) -> Row:
 
 
 # ---------------------------------------------------------------------------- numerics
-class _Recorder(torch.fx.Interpreter):
-    """Runs a graph node by node, handing every value to ``on_value``."""
+class _Recorder(LocalInterpreter):
+    """Runs a graph node by node, handing every value to ``on_value``. Collectives give their
+    local stand-ins (nothing is sent to other ranks; a graph that computes on DTensors
+    raises, and the diff goes on without numerics)."""
 
     def __init__(self, gm: torch.fx.GraphModule, on_value: Callable[[torch.fx.Node, Any], None],
                  to64: bool = False):

@@ -152,7 +152,10 @@ def _build(W64: torch.Tensor, b64: Optional[torch.Tensor], rows: torch.Tensor, s
     error_bound = max(conds)
     rest_rows = _complement(rows, d_in)
     basis64 = _gather_rows(W64, rows)
-    w_rest = torch.linalg.solve(basis64, _gather_rows(W64, rest_rows), left=False)
+    try:
+        w_rest = torch.linalg.solve(basis64, _gather_rows(W64, rest_rows), left=False)
+    except RuntimeError as e:       # torch.linalg.LinAlgError: exactly singular in float64
+        raise FactorizationError(f"pivot block is singular (rank-deficient): {e}") from None
     # ||W B^-1||_F^2 = d_h (the identity rows) + ||W[R] B^-1||_F^2
     fro = torch.linalg.matrix_norm
     expected = ((d_h + fro(w_rest) ** 2).sqrt() * fro(basis64) / (fro(W64) * math.sqrt(d_h))).tolist()
@@ -162,7 +165,10 @@ def _build(W64: torch.Tensor, b64: Optional[torch.Tensor], rows: torch.Tensor, s
                                  f"{format_bound(error_budget)} (cond {format_bound(error_bound)})")
     bias = None
     if b64 is not None:
-        bias = torch.linalg.solve(basis64, b64[:, None, :], left=False)[:, 0, :]
+        try:
+            bias = torch.linalg.solve(basis64, b64[:, None, :], left=False)[:, 0, :]
+        except RuntimeError as e:
+            raise FactorizationError(f"pivot block is singular (rank-deficient): {e}") from None
     if not bool(torch.isfinite(w_rest).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
         raise FactorizationError("pivot block is singular (rank-deficient)")
     return BdFactors(
