@@ -1,28 +1,47 @@
-"""Parameter bytes before/after ``bdpass.prepare`` and how long preparing takes.
+"""Weights before/after ``bdpass.prepare``, time to prepare and to load, peak memory while
+preparing.
 
-    python benchmarks/prepare_figures.py [--layers 4] [--tokens 64] [--repeats 3] [--which mla,lowrank]
+    python benchmarks/prepare_figures.py [--layers 3] [--tokens 64] [--which mla,lowrank]
+                                         [--out benchmarks/results/prepare_figures.json]
 
-(a) ``mla``: a DeepSeek-V2-Lite-shaped attention stack (transformers ``deepseek_v2``:
-    hidden 2048, 16 heads, kv_lora_rank 512, q_lora_rank None, qk_nope/rope/v head dims
-    128/64/128), ``--layers`` decoder layers, all dense (``first_k_dense_replace``) with a
-    small MLP (intermediate 256) and a small vocabulary (1024), so the figures are about
-    attention.
-(b) ``lowrank``: one Llama-shaped decoder layer (hidden 2048, intermediate 5632, 32 heads,
-    4 key/value heads: TinyLlama's shape) in which every linear is replaced by a rank-50%
-    pair ``Sequential(Linear(d_in, r, bias=False), Linear(r, d_out))``, r = min(d_in, d_out)/2;
+(a) ``mla``: a DeepSeek-V2-Lite-shaped model (transformers ``deepseek_v2``) with the real
+    widths: hidden 2048, 16 heads, kv_lora_rank 512, q_lora_rank None, qk_nope/rope/v head
+    dims 128/64/128; layer 0 dense (intermediate 10944), the others MoE blocks of the real
+    size (64 routed experts of width 1408, 6 per token, 2 shared experts; transformers'
+    "eager" experts: a loop over the experts that were hit, so the forward has graph breaks).
+    ``--layers`` layers (the model has 27; one MoE layer holds 2.3 GB of float32 weights, so
+    a CPU machine fits a few). Vocabulary 1024 instead of 102400: the embedding and head are
+    not rewritten, and the figures are per layer.
+(b) ``lowrank``: one Llama decoder layer of TinyLlama's shape (hidden 2048, intermediate
+    5632, 32 heads, 4 key/value heads) in which every linear is a rank-50% pair
+    ``Sequential(Linear(d_in, r, bias=False), Linear(r, d_out))``, r = min(d_in, d_out)/2;
     vocabulary 1024.
 
-Both in float32 on CPU with random weights, options ``{"cost_model": False}`` (every legal
-rewrite). Reported: bytes of all parameters and buffers (each tensor once) of the model and
-of the prepared module; the weights the rewritten sites read before and after (from the
-report); wall-clock time of ``prepare()`` (Dynamo capture + factorization + building the
-module), of ``save_prepared`` and of ``load_prepared`` into a fresh model (no factorization).
+Float32, CPU, random weights, options ``{"cost_model": False}`` (every legal rewrite),
+batch 1 x ``--tokens`` tokens. Reported per model:
+
+* parameter and buffer bytes of the model before and after ``prepare`` (each storage once),
+  and of the weights the rewritten sites read before and after (from the report);
+* ``prepare`` wall-clock time (an eager run counting reads, the compiled run with the
+  analysis, factorization, float64 validation and module edits), per layer, and its parts;
+* peak resident memory during ``prepare`` above the resident memory just before it (Linux
+  ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), next to the model's bytes
+  and the largest layer's weights in float64;
+* time to load: ``load_prepared`` (safetensors) into a freshly built model, and for (a)
+  ``bdpass.from_pretrained`` of a ``save_pretrained`` directory; both compared bit for bit
+  with the prepared model's logits;
+* relative L2 error of the prepared model's logits against the original's.
+
+Timings are wall-clock on whatever else the machine is running (the 1-minute load average
+at start and end is recorded).
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
-import statistics
+import platform
 import tempfile
 import time
 
@@ -30,112 +49,182 @@ import torch
 import transformers
 
 import bdpass
+from bdpass.prepare import state_bytes
 
 OPTIONS = {"cost_model": False}
-
-
-def state_bytes(module: torch.nn.Module) -> int:
-    seen = {}
-    for t in module.state_dict().values():
-        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())] = t.numel() * t.element_size()
-    return sum(seen.values())
+VOCAB = 1024
+MIB = 2 ** 20
 
 
 def mla_model(layers: int, seed: int) -> torch.nn.Module:
     cfg = transformers.AutoConfig.for_model(
         "deepseek_v2", hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
-        kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, num_hidden_layers=layers, first_k_dense_replace=layers,
-        intermediate_size=256, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
-        n_shared_experts=1, vocab_size=1024, max_position_embeddings=4096, use_cache=False,
+        kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        num_hidden_layers=layers, first_k_dense_replace=1, intermediate_size=10944, moe_intermediate_size=1408,
+        n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=1, topk_group=1,
+        topk_method="greedy", vocab_size=VOCAB, max_position_embeddings=4096, use_cache=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa",
-                                                              dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32,
+                                                              experts_implementation="eager")
     return model.eval()
 
 
 def lowrank_llama_layer(seed: int) -> torch.nn.Module:
     cfg = transformers.AutoConfig.for_model(
-        "llama", hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-        num_key_value_heads=4, num_hidden_layers=1, vocab_size=1024, max_position_embeddings=4096,
-        use_cache=False)
+        "llama", hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+        num_hidden_layers=1, vocab_size=VOCAB, max_position_embeddings=4096, use_cache=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa",
-                                                              dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
         layer = model.model.layers[0]
         for parent in (layer.self_attn, layer.mlp):
             for name, lin in list(parent.named_children()):
                 if isinstance(lin, torch.nn.Linear):
                     r = min(lin.in_features, lin.out_features) // 2
-                    pair = torch.nn.Sequential(torch.nn.Linear(lin.in_features, r, bias=False),
-                                       torch.nn.Linear(r, lin.out_features))
-                    setattr(parent, name, pair)
+                    setattr(parent, name, torch.nn.Sequential(torch.nn.Linear(lin.in_features, r, bias=False),
+                                                              torch.nn.Linear(r, lin.out_features)))
     return model.eval()
 
 
-def figures(name: str, build, tokens: int, repeats: int) -> None:
-    model = build(0)
-    ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(0))
-    before = state_bytes(model)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        prepared = bdpass.prepare(model, ids, options=OPTIONS)
-        times.append(time.perf_counter() - t0)
-    after = state_bytes(prepared)
+def _status(key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
-        ref = model(ids).logits
-        got = prepared(ids).logits
-    rel = float(torch.linalg.vector_norm(got.double() - ref.double()) / torch.linalg.vector_norm(ref.double()))
-    rep = prepared.report
+        return model(ids).logits
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()))
+
+
+def figures(name: str, build, n_layers: int, tokens: int, pretrained: bool, load_kwargs: dict | None = None) -> dict:
+    load_kwargs = load_kwargs or {}
+    model = build(0)
+    ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(0))
+    before = state_bytes(model)
+    largest_layer64 = 2 * max(state_bytes(layer) for layer in model.model.layers)
+    ref = _logits(model, ids)
+    gc.collect()
+    rss0 = _status("VmRSS")
+    peak_ok = _reset_peak()
+    t0 = time.perf_counter()
+    bdpass.prepare(model, ids, options=OPTIONS)
+    t_prepare = time.perf_counter() - t0
+    peak = _status("VmHWM") - rss0 if peak_ok else None
+    rep = model.bdpass_report
+    after = state_bytes(model)
+    got = _logits(model, ids)
     kinds: dict[str, int] = {}
-    for r in rep.rewrites:
-        kinds[r.kind] = kinds.get(r.kind, 0) + 1
-    sites_before = sum(r.params_before for r in rep.rewrites) * 4
-    sites_after = sum(r.params_after for r in rep.rewrites) * 4
+    for e in rep.edits:
+        kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+    sites_before = sum(e["params_before"] for e in rep.edits) * 4
+    sites_after = sum(e["params_after"] for e in rep.edits) * 4
+    out = {"model": name, "layers": n_layers, "tokens": tokens, "prepared": kinds,
+           "not_preparable": [b.line() for b in rep.not_preparable],
+           "skipped_by_analysis": len(rep.skipped), "graphs_compiled": rep.graphs_compiled,
+           "bytes_before": before, "bytes_after": after,
+           "sites_bytes_before": sites_before, "sites_bytes_after": sites_after,
+           "prepare_seconds": t_prepare, "prepare_seconds_per_layer": t_prepare / n_layers,
+           "prepare_parts_seconds": dict(rep.seconds),
+           "peak_rss_above_start_bytes": peak, "largest_layer_float64_bytes": largest_layer64,
+           "rel_l2_logits_vs_original": _rel(got, ref)}
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, f"{name}.safetensors")
+        path = os.path.join(d, "model.safetensors")
         t0 = time.perf_counter()
-        bdpass.save_prepared(prepared, path)
-        t_save = time.perf_counter() - t0
-        size = os.path.getsize(path)
+        bdpass.save_prepared(model, path)
+        out["save_prepared_seconds"] = time.perf_counter() - t0
+        out["file_bytes"] = os.path.getsize(path)
+        if pretrained:
+            model.save_pretrained(os.path.join(d, "hf"))
+        cls = type(model)
+        del model, rep
+        gc.collect()
         fresh = build(1)
         t0 = time.perf_counter()
-        loaded = bdpass.load_prepared(fresh, path, ids)
-        t_load = time.perf_counter() - t0
-        with torch.no_grad():
-            same = torch.equal(loaded(ids).logits, got)
-    mib = 2 ** 20
-    print(f"[{name}] rewrites: {', '.join(f'{k} x{v}' for k, v in sorted(kinds.items())) or 'none'}; "
-          f"skipped {len(rep.skipped)}")
-    print(f"  parameter+buffer bytes: model {before / mib:,.2f} MiB -> prepared {after / mib:,.2f} MiB "
-          f"({100 * (before - after) / before:.1f}% less)")
-    print(f"  rewritten sites' weights: {sites_before / mib:,.2f} MiB -> {sites_after / mib:,.2f} MiB "
-          f"({100 * (sites_before - sites_after) / max(sites_before, 1):.1f}% less)")
-    print(f"  prepare() {statistics.median(times):.2f} s (median of {repeats}: "
-          f"{', '.join(f'{t:.2f}' for t in times)} s)")
-    print(f"  save_prepared {t_save:.2f} s ({size / mib:,.2f} MiB file); "
-          f"load_prepared {t_load:.2f} s (no factorization); loaded == prepared: {same}")
-    print(f"  prepared vs original logits: relative L2 {rel:.2e}")
+        bdpass.load_prepared(fresh, path)
+        out["load_prepared_seconds"] = time.perf_counter() - t0
+        out["load_prepared_equal"] = bool(torch.equal(_logits(fresh, ids), got))
+        del fresh
+        gc.collect()
+        if pretrained:
+            t0 = time.perf_counter()
+            loaded = bdpass.from_pretrained(cls, os.path.join(d, "hf"), **load_kwargs)
+            out["from_pretrained_seconds"] = time.perf_counter() - t0
+            out["from_pretrained_equal"] = bool(torch.equal(_logits(loaded, ids), got))
+            del loaded
+            gc.collect()
+    return out
+
+
+def _print(r: dict) -> None:
+    b, a = r["bytes_before"], r["bytes_after"]
+    sb, sa = r["sites_bytes_before"], r["sites_bytes_after"]
+    print(f"[{r['model']}] {r['layers']} layer(s), {r['graphs_compiled']} graphs; prepared "
+          f"{', '.join(f'{k} x{v}' for k, v in sorted(r['prepared'].items())) or 'nothing'}; "
+          f"{len(r['not_preparable'])} not preparable, {r['skipped_by_analysis']} skipped by the analysis")
+    print(f"  parameter+buffer bytes {b / MIB:,.1f} MiB -> {a / MIB:,.1f} MiB ({100 * (b - a) / b:.2f}% less); "
+          f"rewritten sites' weights {sb / MIB:,.1f} -> {sa / MIB:,.1f} MiB ({100 * (sb - sa) / max(sb, 1):.1f}% less)")
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in r["prepare_parts_seconds"].items())
+    print(f"  prepare {r['prepare_seconds']:.2f} s = {r['prepare_seconds_per_layer']:.2f} s/layer ({parts})")
+    if r["peak_rss_above_start_bytes"] is not None:
+        print(f"  peak RSS during prepare: +{r['peak_rss_above_start_bytes'] / MIB:,.0f} MiB above the start "
+              f"(model {b / MIB:,.0f} MiB, largest layer in float64 {r['largest_layer_float64_bytes'] / MIB:,.0f} MiB)")
+    line = (f"  save_prepared {r['save_prepared_seconds']:.2f} s ({r['file_bytes'] / MIB:,.1f} MiB); "
+            f"load_prepared {r['load_prepared_seconds']:.2f} s (equal: {r['load_prepared_equal']})")
+    if "from_pretrained_seconds" in r:
+        line += f"; from_pretrained {r['from_pretrained_seconds']:.2f} s (equal: {r['from_pretrained_equal']})"
+    print(line)
+    print(f"  logits vs original: relative L2 {r['rel_l2_logits_vs_original']:.2e}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4, help="decoder layers of the MLA stack")
+    p.add_argument("--layers", type=int, default=3, help="layers of the DeepSeek-V2-Lite-shaped model")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--which", default="mla,lowrank")
-    p.add_argument("--repeats", type=int, default=3, help="prepare() calls timed per model")
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
     a = p.parse_args()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, bdpass {bdpass.__version__}, "
-          f"{torch.get_num_threads()} threads, float32 CPU, batch 1 x {a.tokens} tokens, options {OPTIONS}")
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "bdpass": bdpass.__version__,
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+           "command": "python benchmarks/prepare_figures.py " + " ".join(
+               f"--{k} {v}" for k, v in vars(a).items() if v is not None)}
+    env["load_average_at_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(", ".join(f"{k} {v}" for k, v in env.items()) + f"; float32 CPU, options {OPTIONS}")
+    results = []
     which = a.which.split(",")
     if "mla" in which:
-        figures(f"mla x{a.layers}", lambda seed: mla_model(a.layers, seed), a.tokens, a.repeats)
+        results.append(figures("deepseek-v2-lite-shaped", lambda s: mla_model(a.layers, s), a.layers, a.tokens,
+                               pretrained=True, load_kwargs={"experts_implementation": "eager"}))
+        _print(results[-1])
     if "lowrank" in which:
-        figures("lowrank llama layer", lowrank_llama_layer, a.tokens, a.repeats)
+        results.append(figures("low-rank llama layer", lowrank_llama_layer, 1, a.tokens, pretrained=False))
+        _print(results[-1])
+    env["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"load average (1 min) at start {env['load_average_at_start']}, at end {env['load_average_at_end']}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"environment": env, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
