@@ -1,7 +1,7 @@
 """Weights before/after ``bdpass.prepare``, time to prepare and to load, peak memory while
 preparing.
 
-    python benchmarks/prepare_figures.py [--layers 3] [--tokens 64] [--which mla,lowrank]
+    python benchmarks/prepare_figures.py [--layers 3] [--tokens 64] [--which mla,lowrank] [--threads 1]
                                          [--out benchmarks/results/prepare_figures.json]
 
 (a) ``mla``: a DeepSeek-V2-Lite-shaped model (transformers ``deepseek_v2``) with the real
@@ -25,8 +25,9 @@ batch 1 x ``--tokens`` tokens. Reported per model:
 * ``prepare`` wall-clock time (an eager run counting reads, the compiled run with the
   analysis, factorization, float64 validation and module edits), per layer, and its parts;
 * peak resident memory during ``prepare`` above the resident memory just before it (Linux
-  ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), next to the model's bytes
-  and the largest layer's weights in float64;
+  ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; a tiny model is prepared
+  first so that importing Dynamo and the ops is not counted, but Dynamo's tracing of this
+  model is), next to the model's bytes and the largest layer's weights in float64;
 * time to load: ``load_prepared`` (safetensors) into a freshly built model, and for (a)
   ``bdpass.from_pretrained`` of a ``save_pretrained`` directory; both compared bit for bit
   with the prepared model's logits;
@@ -42,6 +43,7 @@ import gc
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -52,6 +54,7 @@ import bdpass
 from bdpass.prepare import state_bytes
 
 OPTIONS = {"cost_model": False}
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 VOCAB = 1024
 MIB = 2 ** 20
 
@@ -116,6 +119,13 @@ def _logits(model, ids) -> torch.Tensor:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()))
+
+
+def _warm_up() -> None:
+    """Prepare a tiny model first, so that the memory and time measured below do not include
+    importing and initialising Dynamo, scipy and the ops."""
+    tiny = torch.nn.Sequential(torch.nn.Linear(32, 8, bias=False), torch.nn.Linear(8, 32)).eval()
+    bdpass.prepare(tiny, torch.randn(4, 32), options=OPTIONS)
 
 
 def figures(name: str, build, n_layers: int, tokens: int, pretrained: bool, load_kwargs: dict | None = None) -> dict:
@@ -204,13 +214,20 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--which", default="mla,lowrank")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS/OpenMP threads (set before torch and scipy start; on a shared machine 1 avoids "
+                        "the threads of the factorizations waiting on each other)")
     a = p.parse_args()
+    if a.threads is not None and os.environ.get("OMP_NUM_THREADS") != str(a.threads):
+        env = dict(os.environ, **{k: str(a.threads) for k in _THREAD_VARS})
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "bdpass": bdpass.__version__,
            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
            "command": "python benchmarks/prepare_figures.py " + " ".join(
                f"--{k} {v}" for k, v in vars(a).items() if v is not None)}
     env["load_average_at_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(", ".join(f"{k} {v}" for k, v in env.items()) + f"; float32 CPU, options {OPTIONS}")
+    _warm_up()
     results = []
     which = a.which.split(",")
     if "mla" in which:
