@@ -645,6 +645,18 @@ def test_inductor_keeps_the_custom_ops():
     torch._dynamo.reset()
 
 
+def test_bd_backend_on_a_prepared_model_rewrites_nothing_more():
+    x = torch.randn(2, 12, 64)
+    model = bdpass.prepare(_block(), x, options=ALL)
+    ref = run(model, (x,))
+    torch._dynamo.reset()
+    with bdpass.collect_reports() as rep:
+        got = run(torch.compile(model, backend="bd", options=ALL), (x,))
+    torch._dynamo.reset()
+    assert not rep.rewrites and rep.skipped, str(rep)
+    torch.testing.assert_close(got, ref)
+
+
 def test_export_save_load(tmp_path):
     x = torch.randn(2, 12, 64)
     model = bdpass.prepare(_block(), x, options=ALL)
