@@ -13,6 +13,8 @@ from . import prepare  # callable: bdpass.prepare(model, *args, options=None, in
 from .prepare import (Absorbed, BDLinear, PivotLinear, PrepareReport, apply_plan, from_pretrained, load_prepared,
                       plan_of, save_prepared)
 from .report import GraphReport, Report, RewriteRecord, SkipRecord
+from . import shard  # tensor-parallel shards of a prepared model (docs/serving.md)
+from .shard import ShardError, load_sharded
 from .runtime import VerificationError
 
 __version__ = "0.1.0"
@@ -20,4 +22,4 @@ __version__ = "0.1.0"
 __all__ = ["bd_backend", "explain", "collect_reports", "BDOptions", "Report", "GraphReport",
            "RewriteRecord", "SkipRecord", "VerificationError", "prepare", "PrepareReport", "save_prepared",
            "load_prepared", "from_pretrained", "plan_of", "apply_plan", "BDLinear", "PivotLinear", "Absorbed",
-           "__version__"]
+           "shard", "load_sharded", "ShardError", "__version__"]
