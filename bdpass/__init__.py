@@ -22,4 +22,4 @@ __version__ = "0.1.0"
 __all__ = ["bd_backend", "explain", "collect_reports", "BDOptions", "Report", "GraphReport",
            "RewriteRecord", "SkipRecord", "VerificationError", "prepare", "PrepareReport", "save_prepared",
            "load_prepared", "from_pretrained", "plan_of", "apply_plan", "BDLinear", "PivotLinear", "Absorbed",
-           "shard", "load_sharded", "ShardError", "__version__"]
+           "shard", "load_sharded", "ShardError", "diff", "__version__"]

@@ -13,7 +13,7 @@ import torch
 
 import bdpass
 from bdpass import Report
-from helpers import rel_l2, side_by_side
+from helpers import side_by_side
 from lowrank_models import (AsvdLinear, Conv1DChain, Dense, LoraLinear, LowRankMLP, MatmulChain,
                             SharedIntermediate, SvdLinear)
 

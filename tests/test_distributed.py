@@ -32,7 +32,6 @@ default set; the full 4-rank sweep is ``@pytest.mark.slow``.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import json
@@ -694,7 +693,6 @@ def test_dtensor_boundary_is_touched_with_advice():
     assert res.reason_of(code).startswith("DTensor placement change (DTensor.to_local)")
     assert "prepare the model before sharding it" in res.reason_of(code)
     from bdpass.graph.params import weight_problem
-    from bdpass.graph.params import ParamInfo
 
     dt_param = type("FakeDTensor", (), {})      # weight_problem on a real DTensor: see the rank programs
     assert weight_problem([]) is None and dt_param is not None

@@ -16,14 +16,13 @@ from bdpass.identities import (
     bd_factors,
     bd_factors_with_rows,
     cond2,
-    fold_output,
-    fold_query,
     pifa_factors,
     pifa_reference,
     pivot_columns,
     reference_rows,
     unit_roundoff,
 )
+from helpers import fold_output, fold_query
 
 F64 = torch.float64
 LOW = [torch.float32, torch.bfloat16, torch.float16]

@@ -12,10 +12,10 @@ import torch
 from bdpass.identities import (
     FactorizationError,
     bd_factors_with_rows,
-    fold_query,
     grouped_rows,
     shared_rows,
 )
+from helpers import fold_query
 from bdpass.identities.shared import _State, max_cond
 
 F64 = torch.float64

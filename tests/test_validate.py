@@ -6,7 +6,6 @@ import logging
 import pytest
 import torch
 
-import bdpass
 from bdpass.rewrites import editor as editor_mod
 from bdpass.rewrites import pifa as pifa_rw
 from attention_models import MHA

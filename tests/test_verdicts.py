@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import bdpass
 import zoo

@@ -29,7 +29,6 @@ graph computes.
 from __future__ import annotations
 
 import builtins
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -565,7 +564,6 @@ class _Analysis:
         self.L[node] = Layout(np.transpose(_broadcast_to_rank(l.idx, nd), perm), l.attn)
 
     def op_repeat(self, node):
-        src = node.args[0]
         l = self.src_layout(node)
         if l is None:
             return
@@ -667,7 +665,6 @@ class _Analysis:
 
     def op_expand(self, node):
         """expand / expand_as / broadcast_to: broadcast dims carry no channel variation."""
-        src = node.args[0]
         l = self.src_layout(node)
         if l is None:
             return
@@ -1212,7 +1209,7 @@ def _view_groups(ih: list[int], oh: list[int]):
     ni, no = len(ih), len(oh)
     while i < ni or o < no:
         i0, o0 = i, o
-        pi = pi_ = 1
+        pi = 1
         po = 1
         if i < ni:
             pi = ih[i]; i += 1

@@ -5,8 +5,6 @@ from .bd import (
     BdFactors,
     bd_factors,
     bd_factors_with_rows,
-    fold_output,
-    fold_query,
     reference_rows,
 )
 from .pifa import PifaFactors, pifa_factors, pifa_reference
@@ -27,8 +25,6 @@ __all__ = [
     "bd_factors",
     "bd_factors_with_rows",
     "cond2",
-    "fold_output",
-    "fold_query",
     "is_rank_deficient",
     "pifa_factors",
     "pifa_reference",

@@ -57,8 +57,6 @@ __all__ = [
     "BdFactors",
     "bd_factors",
     "bd_factors_with_rows",
-    "fold_output",
-    "fold_query",
     "reference_rows",
 ]
 
@@ -301,44 +299,3 @@ def reference_rows(W: torch.Tensor) -> torch.Tensor:
     assert best is not None
     start = best[1]
     return torch.arange(start, start + d_h).expand(H, d_h).contiguous()
-
-
-# ----------------------------------------------------------------------------- folding
-def _basis_for(f: BdFactors, n_heads: int, what: str) -> torch.Tensor:
-    H = f.basis64.shape[0]
-    if n_heads % H:
-        raise ValueError(f"{what} has {n_heads} heads, not a multiple of the {H} key/value heads")
-    return f.basis64.repeat_interleave(n_heads // H, dim=0)
-
-
-def fold_query(Wq: torch.Tensor, bq: Optional[torch.Tensor], f: BdFactors
-               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Fold ``B^T`` into the query projection: ``Wq'_h = Wq_h @ B_g^T``,
-    ``bq'_h = bq_h @ B_g^T`` with ``g = h // (H_q // H)`` (grouped-query attention).
-
-    ``Wq``: (H_q, d_in_q, d_h); ``bq``: (H_q, d_h) or None. Float64 math; results are
-    cast once to ``Wq.dtype`` / ``bq.dtype`` on their original devices.
-    """
-    if Wq.dim() != 3 or Wq.shape[2] != f.head_dim:
-        raise ValueError(f"expected Wq of shape (H_q, d_in, {f.head_dim}), got {tuple(Wq.shape)}")
-    Hq = Wq.shape[0]
-    if bq is not None and tuple(bq.shape) != (Hq, f.head_dim):
-        raise ValueError(f"bq must have shape ({Hq}, {f.head_dim}), got {tuple(bq.shape)}")
-    Bt = _basis_for(f, Hq, "the query").transpose(1, 2)
-    Wq64 = _finite64(Wq)
-    bq64 = _finite64(bq)
-    wq_new = (Wq64 @ Bt).to(device=Wq.device, dtype=Wq.dtype)
-    bq_new = None
-    if bq64 is not None:
-        bq_new = (bq64[:, None, :] @ Bt)[:, 0, :].to(device=bq.device, dtype=bq.dtype)
-    return wq_new, bq_new
-
-
-def fold_output(Wo: torch.Tensor, f: BdFactors) -> torch.Tensor:
-    """Fold ``B`` into the output projection: ``Wo'_h = B_g @ Wo_h`` with
-    ``g = h // (H_o // H)``. ``Wo``: (H_o, d_h, d_out), the rows of the output
-    projection that read each attention head. Float64 math, cast once to ``Wo.dtype``."""
-    if Wo.dim() != 3 or Wo.shape[1] != f.head_dim:
-        raise ValueError(f"expected Wo of shape (H_o, {f.head_dim}, d_out), got {tuple(Wo.shape)}")
-    B = _basis_for(f, Wo.shape[0], "the output projection")
-    return (B @ _finite64(Wo)).to(device=Wo.device, dtype=Wo.dtype)
