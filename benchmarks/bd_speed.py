@@ -3,6 +3,7 @@
     python benchmarks/bd_speed.py [--tokens 16,256,1024,4096] [--dtypes float32,bfloat16]
                                   [--what projection,block,pifa] [--out benchmarks/results/cpu_speed.json]
                                   [--plot benchmarks/results/cpu_speed.png] [--repeats 15]
+                                  [--block-tokens 256,1024]
 
 * ``projection``: DeepSeek-V2-Lite's ``kv_b_proj`` (latent 512 -> 16 heads x (128 K-nope +
   128 V)) with BD on both parts, in each form (one pivot set for all heads, two groups,
@@ -212,11 +213,14 @@ def main():
     p.add_argument("--tokens", default="16,256,1024,4096")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--what", default="projection,block,pifa")
+    p.add_argument("--block-tokens", default=None,
+                   help="token counts for the blocks (default: --tokens; attention grows as tokens^2)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None)
     a = p.parse_args()
     tokens = [int(t) for t in a.tokens.split(",")]
+    block_tokens = [int(t) for t in (a.block_tokens or a.tokens).split(",")]
     dtypes = [getattr(torch, d) for d in a.dtypes.split(",")]
     what = a.what.split(",")
     rec = {"machine": timing.machine(torch.device("cpu")), "platform": platform.platform(),
@@ -232,14 +236,14 @@ def main():
     print(rec["machine"])
     for dt in dtypes:
         dname = str(dt).replace("torch.", "")
-        for M in tokens:
-            if "projection" in what:
+        for M in sorted(set(tokens) | (set(block_tokens) if "block" in what else set())):
+            if "projection" in what and M in tokens:
                 r = projection(M, dt, a.repeats)
                 rec["projection"].append({"M": M, "dtype": dname, **r})
                 print(f"kv_b_proj {dname} M={M}: " + ", ".join(
                     f"{k} {v['ratio']:.2f}x (cond {v['cond']:.3g})" for k, v in r.items() if isinstance(v, dict)))
                 save()
-            if "block" in what:
+            if "block" in what and M in block_tokens:
                 for name, model in (("mla_v2_lite", MLA()), ("mla_latent512", MLA(hidden=512))):
                     init_(model)
                     x = torch.randn(1, M, model.q_proj.in_features, dtype=dt)
@@ -250,7 +254,7 @@ def main():
                     print(f"{name} {dname} M={M}: {r['ratio']:.2f}x (ideal {r['ideal']:.2f}x), "
                           f"err bd {r['err_bd']:.2e} inductor {r['err_inductor']:.2e}; {forms or r['skipped'][:2]}")
                     save()
-            if "pifa" in what:
+            if "pifa" in what and M in tokens:
                 r = block(init_(LowRank(2048, 1024)), torch.randn(M, 2048, dtype=dt), dt, a.repeats)
                 r.update(M=M, dtype=dname)
                 rec["pifa"].append(r)
