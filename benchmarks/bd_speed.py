@@ -112,8 +112,10 @@ def interleaved(fns: dict, repeats: int) -> dict:
         for _ in range(2):
             f()
     ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    items = list(fns.items())
+    for i in range(repeats):
+        # the order alternates: the first call of a round runs measurably slower (~1-2%)
+        for k, f in (items if i % 2 == 0 else items[::-1]):
             t0 = time.perf_counter()
             f()
             ts[k].append(time.perf_counter() - t0)

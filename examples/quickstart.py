@@ -63,8 +63,10 @@ def bench(fns: dict, x, reps: int) -> dict:
         for fn in fns.values():
             fn(x)
     times: dict = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    items = list(fns.items())
+    for i in range(reps):
+        # the order alternates: the first call of a round runs measurably slower (~1-2%)
+        for k, fn in (items if i % 2 == 0 else items[::-1]):
             t0 = time.perf_counter()
             fn(x)
             times[k].append(time.perf_counter() - t0)
