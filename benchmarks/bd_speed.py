@@ -16,7 +16,8 @@
   larger share of the work). The FLOP-model ideal speedup is printed with each.
 * ``pifa``: a rank-50% low-rank pair d=2048, r=1024 (``u(v(x))``), default options.
 
-Times are medians of interleaved repeats (bd, inductor, bd, ...). Errors are relative L2
+Times are medians of interleaved repeats (order alternating each round; each compiled
+function has its own code object: ``benchmarks/_bench.py``). Errors are relative L2
 against a float64 eager run of the same weights. CPU figures depend on the machine: the
 JSON records it.
 """
@@ -28,9 +29,7 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -41,6 +40,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bdpass  # noqa: E402
 import inductor_lowerings  # noqa: E402,F401
 from bdpass import timing  # noqa: E402
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from _bench import entry, interleaved  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- models
@@ -107,21 +109,6 @@ class LowRank(nn.Module):
 
 
 # ----------------------------------------------------------------------------- timing
-def interleaved(fns: dict, repeats: int) -> dict:
-    for f in fns.values():
-        for _ in range(2):
-            f()
-    ts = {k: [] for k in fns}
-    items = list(fns.items())
-    for i in range(repeats):
-        # the order alternates: the first call of a round runs measurably slower (~1-2%)
-        for k, f in (items if i % 2 == 0 else items[::-1]):
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()}
-
-
 def rel(a, ref):
     return float(torch.linalg.vector_norm(a.double() - ref) / torch.linalg.vector_norm(ref))
 
@@ -196,12 +183,12 @@ def block(model, x, dtype, repeats):
     with torch.no_grad():
         ref = ref_model(x.double())
         torch._dynamo.reset()
-        ind = torch.compile(model, backend="inductor")
-        y_ind = ind(x)
+        ind = torch.compile(entry("inductor"), backend="inductor")
+        y_ind = ind(model, x)
         with bdpass.collect_reports() as rep:
-            bd = torch.compile(model, backend="bd")
-            y_bd = bd(x)
-        t = interleaved({"bd": lambda: bd(x), "inductor": lambda: ind(x)}, repeats)
+            bd = torch.compile(entry("bd"), backend="bd")
+            y_bd = bd(model, x)
+        t = interleaved({"bd": lambda: bd(model, x), "inductor": lambda: ind(model, x)}, repeats)
         torch._dynamo.reset()
     return {"ratio": t["inductor"] / t["bd"], "ms_bd": t["bd"] * 1e3, "ms_inductor": t["inductor"] * 1e3,
             "err_bd": rel(y_bd, ref), "err_inductor": rel(y_ind, ref),
