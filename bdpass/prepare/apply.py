@@ -32,7 +32,7 @@ from ..options import BDOptions
 from ..report import GraphReport, Report
 from ..runtime import _flat_tensors, compare_outputs
 from .capture import TensorRegistry, run_captured
-from .edits import ModelIndex, NotPreparable, ReadCounter, apply_edit, edits_for
+from .edits import ModelIndex, NotPreparable, ReadCounter, _common, apply_edit, edits_for
 
 log = logging.getLogger("bdpass")
 
@@ -123,16 +123,10 @@ def _split_options(options: Any) -> tuple[BDOptions, dict]:
 
 
 def _label(args: list, idx: ModelIndex) -> str:
+    """The module path all named tensors of a graph instance share ("" if none)."""
     names = [idx.name(t, "") for t in args if isinstance(t, torch.Tensor)]
-    parts = [n.split(".")[:-1] for n in names if n]
-    if not parts:
-        return ""
-    out = []
-    for toks in zip(*parts):
-        if len(set(toks)) != 1:
-            break
-        out.append(toks[0])
-    return ".".join(out)
+    mods = [n.rpartition(".")[0] for n in names if n]
+    return _common(mods) if mods and all(mods) else ""
 
 
 def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplace: bool = True,
