@@ -163,12 +163,10 @@ def threads_for(n_weights: int):
     if n_weights >= SMALL_GRAPH:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from .identities.shared import _single_thread
+
+    with _single_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def timed(fn, *args, **kwargs):
