@@ -14,13 +14,14 @@ and every linear-of-linear got a verdict" is checked.
 """
 from __future__ import annotations
 
-import builtins
 import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 import torch.nn.functional as F
+
+from .ops import view_attribute
 
 _CONTRACTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.einsum, torch.Tensor.matmul,
                  torch.Tensor.bmm, torch.Tensor.mm, torch.baddbmm, torch.Tensor.baddbmm}
@@ -55,11 +56,12 @@ class Attention:
 
 
 def op_name(node: torch.fx.Node) -> str:
+    attr = view_attribute(node)         # x.T / x.mT: getattr or aten.numpy_T / aten.mT by release
+    if attr is not None:
+        return {"H": "T", "mH": "mT"}.get(attr, attr)
     if node.op == "call_method":
         return str(node.target)
     if node.op == "call_function":
-        if node.target is builtins.getattr and len(node.args) == 2:
-            return str(node.args[1])
         return getattr(node.target, "__name__", str(node.target))
     return ""
 

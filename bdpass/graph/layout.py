@@ -39,7 +39,7 @@ import torch.fx
 
 from .._compat import example_value, size_hint
 from .linears import LinearSite, einsum_labels, einsum_operands
-from .ops import DTENSOR_ADVICE, Collective, arg, canonical, collective, shape_of
+from .ops import DTENSOR_ADVICE, Collective, arg, canonical, collective, op_label, shape_of
 
 SHIFT = 32
 COLMASK = (1 << SHIFT) - 1
@@ -106,6 +106,9 @@ class LayoutResult:
     reasons: list[str] = field(default_factory=list)
     reason_sources: list[frozenset] = field(default_factory=list)      # linears each touched code came from
     escapes: dict[int, dict[int, str]] = field(default_factory=dict)   # source -> column -> reason
+    # ops with no model in this analysis that received tracked channels (name -> count): each
+    # is treated as changing their values; a data-movement op here is a spelling to learn
+    unmodelled: dict[str, int] = field(default_factory=dict)
 
     def reason_of(self, code: int) -> str:
         return self.reasons[-2 - code] if code <= -2 else ("untracked" if code == -1 else "tracked")
@@ -347,6 +350,10 @@ class _Analysis:
             self.L[node] = None    # .shape / .dtype / .device: metadata only
             return
         if handler is None:
+            if any(isinstance(l, Layout) and l.tracked for a in node.all_input_nodes
+                   for l in (self.L.get(a) if isinstance(self.L.get(a), list) else [self.L.get(a)])):
+                key = op_label(node)
+                self.res.unmodelled[key] = self.res.unmodelled.get(key, 0) + 1
             self.opaque(node)
             return
         handler(node)

@@ -4,10 +4,12 @@ Dynamo spells one operation many ways (``torch.matmul``, ``operator.matmul``,
 ``x.matmul``; ``x.t()``, ``x.T``, ``x.transpose(0, 1)``). The analyses look at
 ``canonical(node)`` and ``arg(node, i, name)`` only, never at the spelling.
 
-Attribute views reach the graph as ``getattr(x, "T")`` call_function nodes: on a tensor of
-rank 2 or less ``T``/``mT`` are ``t``; on a higher rank ``x.T`` reverses *all* dims
-(canonical ``"T"``) and ``x.mT`` swaps the last two (canonical ``"mT"``). ``H``/``mH`` are
-the same on real tensors.
+Attribute views (``x.T``, ``x.mT``, ``x.H``, ``x.mH``) are spelled by the Dynamo release:
+``getattr(x, "T")`` call_function nodes up to torch 2.13, the ATen view ops
+``aten.numpy_T``/``aten.mT``/``aten.matrix_H``/``aten.mH`` from 2.14 (see
+:func:`view_attribute`). Either way, on a tensor of rank 2 or less ``T``/``mT`` are ``t``; on
+a higher rank ``x.T`` reverses *all* dims (canonical ``"T"``) and ``x.mT`` swaps the last two
+(canonical ``"mT"``). ``H``/``mH``/``adjoint()`` are the same on real tensors.
 """
 from __future__ import annotations
 
@@ -94,9 +96,10 @@ def canonical(node: Any) -> str | None:
     """Canonical op name of a node, or None for ops bdpass does not model."""
     if not isinstance(node, torch.fx.Node):
         return None
+    attr = view_attribute(node)
+    if attr is not None:
+        return _attr_view(attr, node.args[0])
     if node.op == "call_function":
-        if node.target is builtins.getattr and len(node.args) == 2:
-            return _attr_view(node)
         try:
             return _FUNCS.get(node.target)
         except TypeError:       # unhashable target
@@ -108,11 +111,41 @@ def canonical(node: Any) -> str | None:
     return None
 
 
-def _attr_view(node: torch.fx.Node) -> str | None:
-    attr = node.args[1]
-    if attr not in ("T", "mT", "H", "mH"):
+def _aten_view_attrs() -> dict[Any, str]:
+    out: dict[Any, str] = {}
+    for op, attr in (("numpy_T", "T"), ("mT", "mT"), ("matrix_H", "H"), ("mH", "mH"), ("adjoint", "mH")):
+        packet = getattr(torch.ops.aten, op, None)
+        if packet is None:
+            continue
+        out[packet] = attr
+        for overload in packet.overloads():
+            out[getattr(packet, overload)] = attr
+    out[torch.adjoint] = out[torch.Tensor.adjoint] = "mH"
+    return out
+
+
+_ATEN_VIEW_ATTRS = _aten_view_attrs()
+_VIEW_METHODS = {"adjoint": "mH"}
+
+
+def view_attribute(node: Any) -> str | None:
+    """Which attribute view a node spells, whatever the Dynamo release: ``"T"``, ``"mT"``,
+    ``"H"`` or ``"mH"`` (``adjoint()`` is ``mH``), else None."""
+    if not isinstance(node, torch.fx.Node) or not node.args:
         return None
-    src = node.args[0]
+    if node.op == "call_function":
+        if node.target is builtins.getattr:
+            return node.args[1] if len(node.args) == 2 and node.args[1] in ("T", "mT", "H", "mH") else None
+        try:
+            return _ATEN_VIEW_ATTRS.get(node.target)
+        except TypeError:
+            return None
+    if node.op == "call_method":
+        return _VIEW_METHODS.get(node.target)
+    return None
+
+
+def _attr_view(attr: str, src: Any) -> str | None:
     v = _example(src)
     if not isinstance(v, torch.Tensor):
         return None
@@ -121,6 +154,43 @@ def _attr_view(node: torch.fx.Node) -> str | None:
     if v.dim() <= 2:
         return "t"
     return "T" if attr in ("T", "H") else "mT"
+
+
+def op_label(node: torch.fx.Node) -> str:
+    """A short, release-stable name of a call node's target: the method name, the function's
+    ``__name__``, or ``aten.<op>`` for an ATen operator (its overload dropped)."""
+    t = node.target
+    if node.op == "call_method":
+        return str(t)
+    if isinstance(t, torch._ops.OpOverload):
+        t = t.overloadpacket
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return f"{t._qualified_op_name.replace('::', '.')}"
+    return getattr(t, "__name__", str(t))
+
+
+# Ops that compute new values from the channels they receive (activations, norms, reductions,
+# position-dependent rotations, comparisons, ...). The channel-layout analysis treats any op it
+# does not model as one of these: it marks the channels touched, so a rewrite is only missed,
+# never wrong. This list names the ones known to really change values; an op that reaches
+# tracked channels and is in neither the modelled ops (:func:`canonical`) nor this list is a
+# spelling the analysis has not learned (``tests/test_spelling_coverage.py`` fails on it).
+VALUE_OPS = frozenset({
+    # activations and element-wise math
+    "gelu", "silu", "relu", "tanh", "sigmoid", "softplus", "elu", "selu", "leaky_relu", "mish", "hardtanh",
+    "exp", "log", "pow", "sqrt", "rsqrt", "square", "abs", "sin", "cos", "clamp", "clamp_min", "clamp_max",
+    "erf", "reciprocal", "floor", "round", "sign", "glu", "softmax", "log_softmax",
+    # norms and reductions
+    "layer_norm", "rms_norm", "group_norm", "batch_norm", "normalize", "mean", "sum", "var", "std",
+    "norm", "amax", "amin", "max", "min", "var_mean", "logsumexp", "cumsum",
+    # rotations and complex views (RoPE)
+    "view_as_complex", "view_as_real", "rotate_half", "polar", "roll", "flip",
+    # masking, selection by value, comparisons
+    "masked_fill", "where", "eq", "ne", "gt", "lt", "ge", "le", "topk", "sort", "argmax", "scatter",
+    "scatter_add", "index_add", "index_copy", "gather", "tril", "triu",
+    # contractions the analysis does not pair, convolutions, embeddings
+    "conv1d", "conv2d", "conv3d", "embedding", "outer", "dot",
+})
 
 
 def _example(node: Any) -> Any:
@@ -162,25 +232,6 @@ def dtype_of(node: Any) -> torch.dtype | None:
     if isinstance(v, torch.Tensor):
         return v.dtype
     return None
-
-
-def is_transpose_2d(node: torch.fx.Node) -> bool:
-    """True if ``node`` swaps the two dims of a 2-D tensor."""
-    name = canonical(node)
-    shp = shape_of(node.args[0]) if node.args else None
-    if name == "t":
-        return shp is None or len(shp) == 2
-    if shp is None or len(shp) != 2:
-        return False
-    if name == "transpose":
-        d0, d1 = arg(node, 1, "dim0"), arg(node, 2, "dim1")
-        return isinstance(d0, int) and isinstance(d1, int) and {d0 % 2, d1 % 2} == {0, 1}
-    if name == "permute":
-        dims = node.args[1:] if len(node.args) > 2 else (arg(node, 1, "dims") or ())
-        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-            dims = dims[0]
-        return [d % 2 if isinstance(d, int) else None for d in dims] == [1, 0]
-    return False
 
 
 # ---------------------------------------------------------------------------- collectives
