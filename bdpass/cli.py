@@ -2,12 +2,20 @@
 
     bdpass diff path/to/file.py:factory [--options key=value ...] [--dtype D] [--json [FILE]] [--html FILE]
     bdpass diff hf:gpt2 [--set key=value ...] [--options key=value ...]
+    bdpass cache show | clear | path
 
 ``factory()`` returns ``(model, args)`` or ``(model, args, kwargs)``. ``hf:<model_type>``
 builds a small randomly initialised Hugging Face text model offline from
 ``transformers.AutoConfig.for_model(model_type, **config)`` (hidden 64, 4 heads, 2 layers,
-vocab 128, intermediate 128, ``use_cache=False``; ``--set`` overrides any config key) and
-feeds it ``input_ids`` of shape (batch, seq) = (2, 8).
+vocab 128, intermediate 128, ``use_cache=False``; ``--set`` overrides any config key, under
+its own name or an alias of the config's ``attribute_map``, e.g. GPT-2's ``n_layer``) and
+feeds it ``input_ids`` of shape (batch, seq) = (2, 8). The model is run eagerly once before
+compiling: a model that fails on its inputs (e.g. a config it cannot run) is reported in
+one line.
+
+``bdpass cache`` manages the timing cache of the cost model (``bdpass.timing``): ``show``
+lists its entries (problem, ratio and interval of each candidate, the floors' spreads,
+whether the measurement was sure, age), ``clear`` removes them, ``path`` prints the file.
 
 Values of ``--set`` / ``--options`` are parsed as int, float, bool (true/false), None
 (none/null), a JSON list or object, or else kept as a string.
@@ -92,6 +100,23 @@ def load_factory(target: str) -> tuple[Any, tuple, dict]:
     return model, tuple(args), dict(kwargs or {})
 
 
+def canonical_keys(config: Any, overrides: dict) -> dict:
+    """``overrides`` with each key a config stores under another name (its ``attribute_map``,
+    e.g. GPT-2's ``n_layer`` for ``num_hidden_layers``) renamed to the common name, so that an
+    override by either name replaces the tiny default instead of losing to it."""
+    amap = dict(getattr(config, "attribute_map", None) or {})
+    alias_of = {stored: common for common, stored in amap.items()}
+    out: dict = {}
+    given: dict = {}
+    for k, v in overrides.items():
+        name = alias_of.get(k, k)
+        if name in out and out[name] != v:
+            raise CliError(f"--set {k}={v!r} conflicts with --set {given[name]}={out[name]!r} "
+                           f"(both set {name})")
+        out[name], given[name] = v, k
+    return out
+
+
 def tiny_config(model_type: str, overrides: dict) -> Any:
     """A small config for ``model_type``: TINY sizes where the config has them, then ``overrides``."""
     import transformers
@@ -107,6 +132,7 @@ def tiny_config(model_type: str, overrides: dict) -> Any:
             break
     if hasattr(base, "use_cache"):
         kw["use_cache"] = False
+    overrides = canonical_keys(base, overrides)
     kw.update(overrides)
     heads = kw.get("num_attention_heads")
     if heads and hasattr(base, "num_key_value_heads") and "num_key_value_heads" not in overrides:
@@ -167,6 +193,23 @@ def _cast(x: Any, dtype: Any) -> Any:
     return x
 
 
+def run_eagerly(model: Any, args: tuple, kwargs: dict, target: str) -> None:
+    """Run the model once without compiling; a failure becomes one line (CliError) instead
+    of a traceback through Dynamo."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:       # any failure of the user's model: report it, do not compile
+        what = "with this config" if target.startswith("hf:") else "on the factory's inputs"
+        msg = " ".join(str(e).split()) or "(no message)"
+        if len(msg) > 300:
+            msg = msg[:297] + "..."
+        raise CliError(f"{target}: the model fails {what}, before any compilation "
+                       f"({type(e).__name__}: {msg})") from None
+
+
 # ---------------------------------------------------------------------------- commands
 def _diff_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -219,6 +262,7 @@ def cmd_diff(ns: argparse.Namespace) -> int:
         if isinstance(model, torch.nn.Module):
             model = model.to(dtype)
         args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+    run_eagerly(model, args, kwargs, ns.target)
     try:
         d = diff(model, *args, options=options or None, **kwargs)
     except (TypeError, ValueError) as e:
@@ -239,10 +283,96 @@ def cmd_diff(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "cache", help="show or clear the timing cache of the cost model",
+        description="The cost model's timing cache ($BDPASS_CACHE_DIR/timings.json, default "
+                    "~/.cache/bdpass): measured ratios of each site shape's candidate lowerings.")
+    p.add_argument("action", choices=("show", "clear", "path"),
+                   help="show: list the entries; clear: remove them; path: print the file")
+    return p
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _problem_summary(problem: dict) -> str:
+    dtype = str(problem.get("dtype", "?")).replace("torch.", "")
+    dims = [f"{k}={problem[k]}" for k in ("M", "d_in", "r", "d_out") if k in problem]
+    extra = [k for k in ("bias",) if problem.get(k)]
+    if problem.get("restore_order") is False:
+        extra.append("order absorbed")
+    return " ".join([str(problem.get("op", "?")), dtype] + dims + extra)
+
+
+def cache_lines(data: dict, now: float | None = None) -> list[str]:
+    """One line per cache entry (see ``bdpass cache show``)."""
+    import time
+
+    from . import timing
+
+    now = time.time() if now is None else now
+    lines = []
+    for k in sorted(data):
+        machine, sep, rest = k.partition(" | {")
+        try:
+            problem = json.loads("{" + rest) if sep else {}
+        except ValueError:
+            problem = {}
+        head = f"{_problem_summary(problem) if problem else k}  [{machine}]"
+        value = data[k]
+        m, why = timing.parse_entry(value, problem or None)
+        if not isinstance(value, dict) or value.get("format") != timing.FORMAT:
+            lines.append(f"{head}: {why}, not trusted (measured again when used)")
+            continue
+        try:
+            verdicts = {n: timing.Verdict.from_json(v) for n, v in value["verdicts"].items()}
+            stats = value.get("stats", {})
+            age = _age(now - float(value["measured_at"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            lines.append(f"{head}: unreadable entry ({type(e).__name__}), not trusted")
+            continue
+        parts = [f"{n} {v.ratio:.2f}x [{v.lo:.2f}-{v.hi:.2f}] {v.state}" for n, v in verdicts.items()]
+        names = sorted(stats, key=lambda n: (n != timing.BASELINE, n))
+        spreads = ", ".join(f"{n} {100 * timing.spread(stats[n]):.0f}%" for n in names
+                            if isinstance(stats[n], dict) and "min" in stats[n] and "q25" in stats[n])
+        sure = "sure" if value.get("final") else "unsure (measured again by the next process)"
+        status = sure if m is not None or not value.get("final") else f"stale: {why}"
+        lines.append(f"{head}: {'; '.join(parts) or 'no comparison'}; spread {spreads or '-'}; "
+                     f"{status}; age {age}")
+    return lines
+
+
+def cmd_cache(ns: argparse.Namespace) -> int:
+    from . import timing
+
+    path = timing.cache_path()
+    if ns.action == "path":
+        print(path)
+        return 0
+    if ns.action == "clear":
+        n = timing.clear()
+        print(f"bdpass: removed {n} entr{'y' if n == 1 else 'ies'} from {path}")
+        return 0
+    data = timing.entries()
+    print(f"{path}: {len(data)} entr{'y' if len(data) == 1 else 'ies'}")
+    for line in cache_lines(data):
+        print("  " + line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bdpass", description="bdpass: tools for the bd torch.compile backend")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _diff_parser(sub)
+    _cache_parser(sub)
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()
@@ -250,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "diff":
             return cmd_diff(ns)
+        if ns.command == "cache":
+            return cmd_cache(ns)
     except CliError as e:
         print(f"bdpass {ns.command}: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,18 @@ compiled with (a dynamic graph keeps the decision made for its first shape).
 The constants are round numbers: the CPU ones from a 2-core AVX-512 machine (fp32 GEMMs
 ~260 GFLOP/s, bf16 ~1.4 TFLOP/s, an index-gathering kernel ~1.2 ns per element), the CUDA
 ones from data sheets (not calibrated on a GPU).
+
+**Plausible speedups.** :func:`pifa_ideal` and :func:`bd_ideal` bound what a rewrite can
+gain from the work it removes: the larger of its FLOP ratio and its ratio of bytes moved
+(the original's time is at least ``max(F_o / peak, B_o / bw)`` and the rewrite does at least
+its own FLOPs and bytes, so ``t_o / t_n <= max(F_o / F_n, B_o / B_n)`` when both run at the
+same efficiency). A measured speedup above ``PLAUSIBLE`` times that bound is a bad
+measurement (the machine was busy while the original ran), not a win: :mod:`bdpass.timing`
+measures again and never applies or caches it as final. ``PLAUSIBLE = 1.15`` leaves room for
+the two computations' different GEMM efficiencies: the largest measured ratio to the bound on
+the 2-core CPU was 1.02 (PIFA d=2048, r=1024: 1.36x measured, FLOP bound 1.33x), while the
+busy-machine timing that made an MLA block 0.76x of Inductor claimed 1.59x for ``kv_b_proj``
+(bound 1.33x: 1.20 times it).
 """
 from __future__ import annotations
 
@@ -19,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 MARGIN = 0.03
+PLAUSIBLE = 1.15
 
 
 @dataclass(frozen=True)
@@ -105,3 +118,31 @@ def bd_linear(M: int, d_in: int, d_out: int, heads: int, g: int, tables: int, dt
     new += tables * (_gemm(dev, M, K, per_table * g, dtype) + _gather(dev, M * d_in, dtype))
     new += _pointwise(dev, M * n_bd, dtype, passes=2)
     return Estimate(orig, new)
+
+
+# ---------------------------------------------------------------------------- plausible speedups
+def pifa_ideal(M: int, d_in: int, r: int, d_out: int) -> float:
+    """The largest speedup PIFA's saved work allows: the pair's FLOP ratio or its ratio of
+    elements moved (inputs, weights, the rank-``r`` intermediate written and read, the output),
+    whichever is larger. The rewrite's optional gather pass is not counted (a lower bound of
+    its work makes a higher bound of the speedup)."""
+    f_o = d_in * r + r * d_out
+    f_n = d_in * r + r * (d_out - r)
+    b_o = M * d_in + d_in * r + r * d_out + 2 * M * r + M * d_out
+    b_n = M * d_in + d_in * r + r * (d_out - r) + 2 * M * r + M * d_out
+    return max(f_o / max(f_n, 1), b_o / max(b_n, 1))
+
+
+def bd_ideal(M: int, d_in: int, d_out: int, blocks) -> float:
+    """The largest speedup a ``bd_linear`` lowering allows against the dense projection:
+    ``blocks`` lists each block's (identity rows g, columns n) (g = 0 for a dense block); a
+    BD block multiplies only ``d_in - g`` rows. FLOP ratio or ratio of elements moved (``x``,
+    the weights, the output; gathers and the identity term are not counted), whichever is
+    larger."""
+    n_blocks = sum(int(n) for _, n in blocks)
+    rest = max(d_out - n_blocks, 0)              # columns no block lists (none in practice)
+    f_o = d_in * d_out
+    f_n = sum((d_in - int(g)) * int(n) for g, n in blocks) + d_in * rest
+    b_o = M * d_in + d_in * d_out + M * d_out
+    b_n = M * d_in + f_n + M * d_out
+    return max(f_o / max(f_n, 1), b_o / max(b_n, 1))

@@ -323,8 +323,8 @@ def _synthetic(site: LinearSite, src: Source, form: str) -> list[SetFactors]:
 
 
 def _time_source(site: LinearSite, src: Source, forms: Sequence[str]) -> dict[str, float]:
-    """Median seconds of the original projection and of each form, on random inputs and
-    weights of the site's shapes."""
+    """Seconds of the original projection and of each form, on random inputs and weights of
+    the site's shapes, with the verdicts of :func:`bdpass.timing.measure`."""
     import inductor_lowerings  # noqa: F401  (registers the ops)
 
     dev, dt = site.weight.tensor.device, site.weight.tensor.dtype
@@ -389,8 +389,8 @@ def decide(comp: Component, sites: Sequence[LinearSite], sources: dict[int, Sour
             order = sorted(forms, key=lambda k: secs[k])
         refused, form = {}, None
         for cand in order:
-            if secs is not None and secs[cand] > (1.0 - cost.MARGIN) * secs["original"]:
-                break                      # this form and every later one would not pay
+            if secs is not None and not timing.pays(secs, cand):
+                continue                   # slower, or not surely faster (see bdpass.timing)
             try:
                 chosen[s] = form_factors(site, src, cand, args, error_budget)
             except FactorizationError as e:
@@ -403,7 +403,7 @@ def decide(comp: Component, sites: Sequence[LinearSite], sources: dict[int, Sour
             slow = [k for k in order if k not in refused]
             if secs is not None and slow:
                 parts.append(f"cost model: {how}, " + ", ".join(
-                    f"{k} {secs['original'] / secs[k]:.2f}x" for k in slow) +
+                    f"{k} {timing.describe(secs, k)}" for k in slow) +
                     f" of the original at {site.tokens} tokens (needs >= {1 / (1 - cost.MARGIN):.2f}x)")
             return None, None, "; ".join(parts)
         src.form = form

@@ -172,9 +172,9 @@ def _cost_objection(chain: Chain, f, restore_order: bool) -> str | None:
     problem = {"op": "pifa", "M": M, "d_in": d_in, "r": r, "d_out": d_out, "dtype": str(dtype),
                "bias": b is not None, "restore_order": restore_order}
     ms = timing.measure(dev, problem, {"original": lambda: linear(linear(x, A), B, b), "pifa": new})
-    if ms["pifa"] <= (1.0 - cost.MARGIN) * ms["original"]:
+    if timing.pays(ms, "pifa"):       # surely faster by the margin, and plausibly so
         return None
-    return (f"cost model: the PIFA pair measured at {ms['original'] / ms['pifa']:.2f}x of the original on "
+    return (f"cost model: the PIFA pair measured at {timing.describe(ms, 'pifa')} of the original on "
             f"{timing.machine(dev)} at {M} tokens (needs >= {1 / (1 - cost.MARGIN):.2f}x)")
 
 
