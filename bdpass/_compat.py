@@ -174,6 +174,20 @@ def trace_artifact(name: str, payload_fn: Callable[[], str], encoding: str = "st
 
 
 # ----------------------------------------------------------------------------- capture helpers
+def is_exporting() -> bool:
+    """True while ``torch.export`` traces (strict or not), False under ``torch.compile`` and
+    in eager mode; safe to call from code that Dynamo traces.
+
+    Reads the flag that ``torch.compiler.is_exporting()`` returns. Dynamo in torch 2.11
+    folds a call of ``torch.compiler.is_exporting()`` to True in *every* trace, so under
+    ``torch.compile`` it answers True (newer Dynamo reads the flag, as this does); the
+    flag itself is right everywhere."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
+    return torch.compiler.is_exporting()
+
+
 def is_dynamo_restart(e: BaseException) -> bool:
     """True for Dynamo's signals to restart its analysis (e.g. TensorifyScalarRestartAnalysis
     under ``dynamic=True``): not failures, they must propagate out of a backend."""

@@ -55,7 +55,8 @@ Interpreter: ``TRITON_INTERPRET=1`` stores bfloat16 as raw 16-bit patterns and i
 ``DOT_F32`` flag, which widens the operand tiles to float32 before ``tl.dot``. That is
 exact (a product of two bfloat16 values fits a float32) and leaves the float32
 accumulation as it is on a GPU; on a GPU the flag is off and ``tl.dot`` takes the
-operands in their own dtype.
+operands in their own dtype. Interpreted kernels are launched directly rather than
+through ``wrap_triton`` (see ``_KERNELS_INTERPRETED``).
 
 Autotuning: a few block configurations keyed on the problem sizes (``M`` through a
 power-of-two bucket); under ``TRITON_INTERPRET=1`` a single small configuration, so
@@ -252,6 +253,87 @@ _pivot_stage2_tuned = triton.autotune(configs=CONFIGS, key=_KEY + ["N", "R"])(_p
 
 
 # ----------------------------------------------------------------------------- launchers
+def _interpreted(kernel) -> bool:
+    """Whether ``kernel`` (a ``triton.jit`` function, possibly under ``triton.autotune`` /
+    ``triton.heuristics``) runs in Triton's interpreter: with ``TRITON_INTERPRET=1``
+    ``triton.jit`` returns an ``InterpretedFunction``, which is not a ``JITFunction``."""
+    from triton.runtime.jit import JITFunction
+
+    seen = set()
+    while not isinstance(kernel, JITFunction):
+        inner = getattr(kernel, "fn", None)
+        if inner is None or id(kernel) in seen:
+            return True
+        seen.add(id(kernel))
+        kernel = inner
+    return False
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Let the interpreter use a scalar kernel argument as a Python index (the bound of
+    ``range(0, K, BLOCK_K)``) with NumPy 2.4 and later.
+
+    The interpreter holds a scalar argument as a one-element 1-D array, and some Triton
+    releases (3.6 among them) convert it with ``int(data)``, which NumPy 2.4 turned from a
+    deprecation warning into a ``TypeError`` (only 0-d arrays convert); later Triton
+    releases convert ``data.squeeze()``. Where a probe of the installed interpreter shows
+    the failure, its tensor patch is extended with the later releases' conversion; an
+    interpreter that converts correctly, or whose internals differ, is left as it is."""
+    import operator
+    import types
+
+    import numpy as np
+
+    try:
+        from triton.runtime import interpreter as ti
+
+        patch, scope_cls = ti._patch_lang_tensor, ti._LangPatchScope
+    except (ImportError, AttributeError):
+        return
+    if getattr(patch, "_scalar_index_fixed", False):
+        return
+
+    class _Probe:
+        pass
+
+    scope = scope_cls()
+    try:
+        patch(_Probe, scope)
+        probe = _Probe()
+        probe.handle = types.SimpleNamespace(data=np.array([3], dtype=np.int32))
+        if operator.index(probe) == 3:
+            return
+    except TypeError:
+        pass                      # the failure this fixes
+    except Exception:
+        return
+    finally:
+        scope.restore()
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._scalar_index_fixed = True
+    ti._patch_lang_tensor = patched
+
+
+# Whether the kernels run in Triton's interpreter: decided once, when they are defined
+# (``triton.jit`` reads ``TRITON_INTERPRET``). The launchers call an interpreted kernel
+# directly, and otherwise through ``wrap_triton`` (traceable by ``make_fx`` / AOTAutograd,
+# so that Inductor launches the kernel itself: the only path on a GPU). ``wrap_triton``
+# needs a kernel's JIT metadata, which an interpreted kernel lacks: torch 2.11 rejects a
+# bare ``InterpretedFunction`` and, for one under ``triton.autotune``, fails at the launch
+# (``'function' object has no attribute 'fn'``: the ``.fn`` chain never reaches a
+# ``JITFunction``); newer torch returns such kernels unwrapped, as the launchers do on every
+# version. The interpreter runs eagerly on CPU tensors, where nothing is traced. (The
+# ``wrap_triton(...)`` calls stay spelled out in the launchers: ``triton_op`` finds an op's
+# kernels by reading its source for them.)
+_KERNELS_INTERPRETED = _interpreted(_bd_project_tuned)
+if _KERNELS_INTERPRETED:
+    _fix_interpreter_scalar_index()
+
+
 def _m_bucket(m) -> int:
     """Autotuning key for the token count: its power-of-two bucket (capped), or 0 when
     the count is symbolic (under torch.compile Inductor picks the configuration)."""
@@ -304,7 +386,8 @@ def bd_project_triton(x: torch.Tensor, rows: torch.Tensor, rest: torch.Tensor,
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(G, meta["BLOCK_N"]), H)
     kernel = _bd_project_tuned if config is None else _bd_project_kernel
-    wrap_triton(kernel)[grid](
+    launch = kernel if _KERNELS_INTERPRETED else wrap_triton(kernel)
+    launch[grid](
         x2, rows, rest, w_rest, b, out,
         M, G, K, n_cols,
         x2.stride(0), x2.stride(1),
@@ -355,7 +438,8 @@ def pivot_linear_triton(x: torch.Tensor, w_p: torch.Tensor, b_p: Optional[torch.
 
     stage1 = _pivot_stage1_tuned if config is None else _pivot_stage1_kernel
     stage2 = _pivot_stage2_tuned if config is None else _pivot_stage2_kernel
-    wrap_triton(stage1)[grid1](
+    launch1 = stage1 if _KERNELS_INTERPRETED else wrap_triton(stage1)
+    launch1[grid1](
         x2, w_p, b_p if b_p is not None else _unused(x), pivots, out,
         M, R, d_in,
         x2.stride(0), x2.stride(1),
@@ -370,7 +454,8 @@ def pivot_linear_triton(x: torch.Tensor, w_p: torch.Tensor, b_p: Optional[torch.
         def grid2(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)
 
-        wrap_triton(stage2)[grid2](
+        launch2 = stage2 if _KERNELS_INTERPRETED else wrap_triton(stage2)
+        launch2[grid2](
             out, pivots, coeff, b_r if b_r is not None else _unused(x), rest,
             M, N, R,
             out.stride(0), out.stride(1),

@@ -184,8 +184,8 @@ class RowParallelKeys(nn.Module):
 class GatheredHeads(nn.Module):
     """Attention computed on every rank over all heads, from K and V projections that are
     column-parallel by heads and gathered along the channel dimension
-    (``all_gather_tensor(.., gather_dim=-1)``: ``all_gather_into_tensor`` along dim 0, then a
-    chunk and a concatenation along channels). Q and O are replicated. Both BD pairs must be
+    (what ``all_gather_tensor(.., gather_dim=-1)`` does: ``all_gather_into_tensor`` along dim 0,
+    then a chunk and a concatenation along channels). Q and O are replicated. Both BD pairs must be
     refused: this rank's K/V channels are sent to the other ranks, and the channels gathered
     from them were computed with their weights."""
 
@@ -205,7 +205,12 @@ class GatheredHeads(nn.Module):
             return t
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.all_gather_tensor(t, -1, self.group)
+        # all_gather_tensor(t, -1, group) written out: Dynamo in torch 2.11 does not trace the
+        # helper that all_gather_tensor calls for a gather_dim other than 0
+        # (torch._utils._maybe_view_chunk_cat), so that call breaks the graph and leaves the
+        # collective between two graphs; newer Dynamo traces it into these same ops.
+        gathered = funcol.all_gather_tensor(t, 0, self.group)
+        return torch.cat(torch.chunk(gathered, self.cfg["world"], dim=0), dim=-1)
 
     def forward(self, x):
         B, T, _ = x.shape

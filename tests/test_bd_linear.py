@@ -183,6 +183,26 @@ def test_compiles_as_an_opaque_op():
     torch._dynamo.reset()
 
 
+def test_is_exporting_under_compile_and_export():
+    """What the prepared modules branch on (the op, or plain aten ops for an exported
+    program): False under torch.compile, True under torch.export, strict or not. (torch
+    2.11's Dynamo folds ``torch.compiler.is_exporting()`` to True under torch.compile too.)"""
+    from bdpass._compat import is_exporting
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x + 1 if is_exporting() else x - 1
+
+    x = torch.zeros(2)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(M(), backend="eager", fullgraph=True)(x), x - 1)
+    for strict in (False, True):
+        torch._dynamo.reset()
+        assert torch.equal(torch.export.export(M(), (x,), strict=strict).module()(x), x + 1), strict
+    assert not is_exporting() and torch.equal(M()(x), x - 1)
+    torch._dynamo.reset()
+
+
 INTERPRETED = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {tests!r})

@@ -651,6 +651,15 @@ def test_layout_coalesced_inplace_and_legacy_collectives():
         assert collective(n).kind == "all_reduce" and collective(n).reduce_op == "max"
 
 
+def _dynamo_closure(name: str, module: str = "torch._dynamo.variables.tensor"):
+    """A function as torch 2.11's Dynamo puts a DTensor placement change into a graph: a
+    closure over the placements, defined in Dynamo, with a name of its own."""
+    def fn(x):
+        return x
+    fn.__name__, fn.__module__ = name, module
+    return fn
+
+
 def test_collective_classification():
     """Ops, overloads, the funcol Python wrappers and DTensor calls are recognised; ordinary ops
     are not."""
@@ -675,6 +684,12 @@ def test_collective_classification():
     for node, (kind, op, dim) in cases:
         c = collective(node)
         assert c is not None and (c.kind, c.reduce_op, c.dim) == (kind, op, dim), (node.target, c)
+    # torch 2.11's Dynamo records placement changes as closures of its own, named so
+    for name, method in (("prim from_local", "from_local"), ("prim_redistribute", "redistribute"),
+                         ("prim_to_local", "to_local")):
+        c = collective(b.call(_dynamo_closure(name), k, val=_t(2, 6, 32)))
+        assert c is not None and (c.kind, c.name) == ("dtensor", f"DTensor.{method}"), (name, c)
+        assert collective(b.call(_dynamo_closure(name, module=__name__), k, val=_t(2, 6, 32))) is None
     assert collective(k) is None
     assert collective(b.call("to", k, torch.float64, method=True, val=_t(2, 6, 32))) is None
     # torch.distributed's in-place API: what it is given is sent and overwritten

@@ -353,6 +353,19 @@ def _dtensor_functions() -> set:
 
 
 _DTENSOR_FUNCS: set | None = None
+# torch 2.11's Dynamo records DTensor placement changes as call_function nodes on closures of
+# its own (the placements bound in), named "prim from_local" (``DTensor.from_local``),
+# "prim_redistribute" and "prim_to_local" (the methods); newer Dynamo records
+# ``DTensor.from_local`` and the methods themselves.
+_DYNAMO_DTENSOR_WRAPPERS = {"prim from_local": "from_local", "prim_redistribute": "redistribute",
+                            "prim_to_local": "to_local"}
+
+
+def _dynamo_dtensor_wrapper(target: Any) -> str | None:
+    """The DTensor function or method a Dynamo wrapper stands for (``from_local``...), or None."""
+    if not callable(target) or not str(getattr(target, "__module__", "")).startswith("torch._dynamo."):
+        return None
+    return _DYNAMO_DTENSOR_WRAPPERS.get(getattr(target, "__name__", None))
 
 
 def _reduce_name(v: Any) -> str | None:
@@ -402,6 +415,9 @@ def collective(node: Any) -> Collective | None:
     try:
         if target in _DTENSOR_FUNCS:
             return Collective("dtensor", f"DTensor.{getattr(target, '__name__', target)}")
+        wrapped = _dynamo_dtensor_wrapper(target)
+        if wrapped is not None:
+            return Collective("dtensor", f"DTensor.{wrapped}")
         hit = _WRAPPERS.get(target)
     except TypeError:                       # unhashable target
         return None

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._compat import is_exporting
+
 __all__ = ["BDLinear", "PivotLinear", "Absorbed", "from_spec", "PREPARED_TYPES"]
 
 
@@ -81,7 +83,7 @@ class BDLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sel, rest, weight, bias = self._lists()
-        if torch.compiler.is_exporting():      # plain aten ops: the exported program needs no bdpass
+        if is_exporting():      # plain aten ops: the exported program needs no bdpass
             from inductor_lowerings.bd_linear import bd_linear_reference
 
             return bd_linear_reference(x, sel, rest, weight, bias, [b[0] for b in self.blocks],
@@ -130,7 +132,7 @@ class PivotLinear(nn.Module):
             self.register_buffer("rest", torch.empty(n, dtype=torch.int64, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.restore_order and torch.compiler.is_exporting():   # plain aten ops (see BDLinear)
+        if self.restore_order and is_exporting():   # plain aten ops (see BDLinear)
             from inductor_lowerings.aten_impl import pivot_linear_aten
 
             return pivot_linear_aten(x, self.w_pivot, self.b_pivot, self.coeff, self.b_rest, self.pivots, self.rest)
