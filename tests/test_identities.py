@@ -572,3 +572,23 @@ def test_bd_singular_solve_is_a_factorization_error(monkeypatch):
     monkeypatch.setattr(bdmod.torch.linalg, "solve", singular)
     with pytest.raises(FactorizationError, match="singular"):
         bdmod.bd_factors(W)
+
+
+def test_numerically_singular_block_is_refused_whatever_the_lapack():
+    """A pivot block that is singular in exact arithmetic reaches float64 with a smallest
+    singular value of ~1e-17 or exactly 0, depending on the LAPACK build. Both are refused
+    (the rank tolerance n * eps * sigma_max), never factorized with cond ~1e16."""
+    torch.manual_seed(0)
+    d_in, d_h = 24, 6
+    U, _ = torch.linalg.qr(torch.randn(d_h, d_h, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(d_h, d_h, dtype=torch.float64))
+    for tiny in (0.0, 1e-17, 1e-15):
+        block = U @ torch.diag(torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, tiny], dtype=torch.float64)) @ V.T
+        W = torch.randn(1, d_in, d_h, dtype=torch.float64)
+        W[0, :d_h] = block
+        with pytest.raises(FactorizationError, match="singular"):
+            bd_factors_with_rows(W, torch.arange(d_h))
+    block = U @ torch.diag(torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 1e-9], dtype=torch.float64)) @ V.T
+    W[0, :d_h] = block                       # ill-conditioned but of full numerical rank: factorized
+    f = bd_factors_with_rows(W, torch.arange(d_h))
+    assert 1e8 < f.error_bound < 1e10

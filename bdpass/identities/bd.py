@@ -48,6 +48,7 @@ import torch
 from .pivots import (
     FactorizationError,
     as_float64,
+    block_conds,
     format_bound,
     is_rank_deficient,
     pivoted_qr,
@@ -120,13 +121,8 @@ def _gather_rows(W64: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _conds(blocks: torch.Tensor) -> list[float]:
-    """cond2 of each square float64 block in a (H, n, n) batch (inf when singular)."""
-    s = torch.linalg.svdvals(blocks)
-    out = []
-    for smax, smin in zip(s[:, 0].tolist(), s[:, -1].tolist()):
-        c = smax / smin if smin > 0.0 else math.inf
-        out.append(c if math.isfinite(c) else math.inf)
-    return out
+    """cond2 of each square float64 block in a (H, n, n) batch (inf when numerically singular)."""
+    return block_conds(blocks).tolist()
 
 
 def _complement(rows: torch.Tensor, d_in: int) -> torch.Tensor:

@@ -93,6 +93,18 @@ def is_rank_deficient(rdiag: np.ndarray, k: int, shape: tuple[int, ...]) -> bool
     return not float(rdiag[k - 1]) > tol
 
 
+def block_conds(blocks: torch.Tensor) -> torch.Tensor:
+    """cond2 of each square float64 block of a (H, n, n) batch, ``inf`` where the block is
+    numerically singular: ``sigma_min <= n * eps64 * sigma_max`` (the rank tolerance of
+    :func:`is_rank_deficient`). An exact zero is not required: whether the float64 SVD of an
+    exactly rank-deficient block returns 0 or ~1e-17 depends on the LAPACK build."""
+    s = torch.linalg.svdvals(blocks)
+    smax, smin = s[..., 0], s[..., -1]
+    c = smax / smin
+    singular = ~(smin > blocks.shape[-1] * _EPS64 * smax) | ~torch.isfinite(c)
+    return torch.where(singular, torch.full_like(c, math.inf), c)
+
+
 def cond2(M: torch.Tensor) -> float:
     """2-norm condition number ``sigma_max / sigma_min`` of a square matrix, computed in
     float64; ``inf`` if the matrix is singular or has non-finite entries."""

@@ -58,7 +58,7 @@ from typing import Optional
 
 import torch
 
-from .pivots import FactorizationError, as_float64
+from .pivots import FactorizationError, as_float64, block_conds
 
 __all__ = ["expected_growth", "first_order_factors", "grouped_rows", "max_cond", "shared_rows"]
 
@@ -97,17 +97,11 @@ def _orthonormal(W64: torch.Tensor) -> torch.Tensor:
     return Q
 
 
-def _conds_blocks(blocks: torch.Tensor) -> torch.Tensor:
-    s = torch.linalg.svdvals(blocks)
-    c = s[:, 0] / s[:, -1]
-    return torch.where(torch.isfinite(c) & (s[:, -1] > 0), c, torch.full_like(c, math.inf))
-
-
 def _conds(W64: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """cond2 of W_h[rows] per head (inf when singular); rows (d_h,) or (H, d_h)."""
     if rows.dim() == 1:
-        return _conds_blocks(W64[:, rows, :])
-    return _conds_blocks(W64[torch.arange(W64.shape[0])[:, None], rows, :])
+        return block_conds(W64[:, rows, :])
+    return block_conds(W64[torch.arange(W64.shape[0])[:, None], rows, :])
 
 
 def first_order_factors(W: torch.Tensor, rows: torch.Tensor) -> list[float]:
