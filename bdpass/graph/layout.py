@@ -752,15 +752,22 @@ class _Analysis:
         dim = arg(node, 2, "dim", 0)
         d = dim % nd
         total = size_hint(shp[d])
-        sizes = self._split_sizes(node, total, nd, d)
         idx = _broadcast_to_rank(l.idx, nd)
+        if total is None and (idx.shape[d] != 1 or canonical(node) == "chunk"
+                              or isinstance(arg(node, 1, "split_size_or_sections", arg(node, 1, "split_size")), int)):
+            raise _Unsupported("split of a dimension whose size is not known at compile time")
+        sizes = self._split_sizes(node, total, nd, d)
+        if idx.shape[d] == 1:
+            # not a channel dimension: every part keeps the layout, whatever its size (the sizes
+            # may be data-dependent, e.g. tokens per expert in a mixture-of-experts loop)
+            self.L[node] = [Layout(idx, l.attn) for _ in sizes]
+            return
+        if any(s is None for s in sizes):
+            raise _Unsupported("split of a channel dimension at sizes not known at compile time")
         outs = []
         start = 0
         for s in sizes:
-            if idx.shape[d] == 1:
-                outs.append(Layout(idx, l.attn))
-            else:
-                outs.append(Layout(np.take(idx, np.arange(start, start + s), axis=d), l.attn))
+            outs.append(Layout(np.take(idx, np.arange(start, start + s), axis=d), l.attn))
             start += s
         self.L[node] = outs
 
@@ -823,27 +830,34 @@ class _Analysis:
         varr = _broadcast_to_rank(lv.idx, nd) if lv is not None else None
         # materialize every dim that the value's layout varies along (must be static)
         need = list(barr.shape)
+        items = _expand_index(index, nd)
         if varr is not None:
             region_shape = _index_result_shape(index, hints)
             if region_shape is None:
                 raise _Unsupported("slice assignment with an unsupported index")
+            # the base dim of each region dim (an integer index drops its dim from the region)
+            region_dims = [k for k, sl in enumerate(items) if not isinstance(sl, int)]
             # dims of the base that the value layout varies along
             vfull = _broadcast_to_rank(varr, len(region_shape))
-            for k, s in enumerate(vfull.shape):
+            for r, s in enumerate(vfull.shape):
                 if s != 1:
-                    need[k] = hints[k]
+                    need[region_dims[r]] = hints[region_dims[r]]
             for k, s in enumerate(barr.shape):
                 if s != 1:
                     need[k] = hints[k]
-            # the sliced dims of the region must be materialized too
-            for k, sl in enumerate(_expand_index(index, nd)):
-                if isinstance(sl, slice) and sl != slice(None):
-                    need[k] = hints[k]
+        # the dims the region covers only part of (a slice or an integer index) must be
+        # materialized too: the layout differs inside and outside the region
+        # (a region with symbolic bounds, reached only by an untracked value, is marked whole)
+        static = [isinstance(sl, int) or (isinstance(sl, slice) and all(
+            v is None or isinstance(v, int) for v in (sl.start, sl.stop, sl.step))) for sl in items]
+        for k, sl in enumerate(items):
+            if static[k] and sl != slice(None):
+                need[k] = hints[k]
         if any(n is None for n in need):
             raise _Unsupported("slice assignment over a symbolic dimension")
         arr = np.array(np.broadcast_to(barr, need))
-        region_index = tuple(sl if (isinstance(sl, slice) and need[k] != 1) or isinstance(sl, int) else
-                             slice(None) for k, sl in enumerate(_expand_index(index, nd)))
+        region_index = tuple(sl if static[k] and (isinstance(sl, int) or need[k] != 1) else
+                             slice(None) for k, sl in enumerate(items))
         target = arr[region_index]
         if varr is None:
             arr[region_index] = UNTRACKED
