@@ -427,16 +427,9 @@ def _compile_bd(model, kwargs, options):
                 out = torch.compile(model, backend="bd", **kw)(**kwargs)
         finally:
             torch._dynamo.reset()
-    planned: dict = {}
-    for sites, comps, chains in calls:
-        graph = sites[0].core.graph if sites else None
-        p = planned.setdefault(graph, {})
-        for c in comps:
-            for grp in c.groups:
-                p.setdefault((grp.kind, grp.site), set()).update(grp.nodes)
-        for ch in chains:
-            p.setdefault(("pifa", ch.site), set()).update({ch.first.core.name, ch.second.core.name})
-    return out, rep, planned
+    from test_verdicts import planned_sites
+
+    return out, rep, planned_sites(calls)
 
 
 def _verdict_difference(rep, planned) -> tuple[dict, dict, dict]:

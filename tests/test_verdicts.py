@@ -55,8 +55,14 @@ def compile_and_plan(model, args, kwargs=None, options=None, monkeypatch=None):
             torch.compile(model, backend="bd", options={**RUN, **(options or {})})(*args, **(kwargs or {}))
     finally:
         torch._dynamo.reset()
+    return rep, planned_sites((sites, comps, chains) for _, sites, comps, chains in calls)
+
+
+def planned_sites(calls) -> dict:
+    """graph -> (kind, site) -> the nodes of each planned BD group and PIFA chain, from the
+    ``(sites, components, chains)`` the planners saw for each graph."""
     planned: dict = {}
-    for res, sites, comps, chains in calls:
+    for sites, comps, chains in calls:
         graph = sites[0].core.graph if sites else None
         out = planned.setdefault(graph, {})
         for c in comps:
@@ -64,7 +70,7 @@ def compile_and_plan(model, args, kwargs=None, options=None, monkeypatch=None):
                 out.setdefault((g.kind, g.site), set()).update(g.nodes)
         for ch in chains:
             out.setdefault(("pifa", ch.site), set()).update({ch.first.core.name, ch.second.core.name})
-    return rep, planned
+    return planned
 
 
 def check_report(rep, planned, kinds=("bd_qk", "bd_vo", "pifa")) -> dict:
