@@ -144,7 +144,10 @@ class Spelled(nn.Module):
         narrowed halves) | "index" (k and q channels permuted by a constant list index) |
         "index_select" (the same by index_select with a constant tensor) | "unbind" (one fused
         qkv tensor stacked and unbound) | "bigT" (k through ``.T`` of rank 4 and back)
-    score: "matmul" | "einsum" (einsum scores and values) | "sdpa" | "baddbmm"
+    score: "matmul" | "einsum" (einsum scores and values) | "sdpa" | "baddbmm" | "sinks" (a
+        learned logit per head concatenated as the last score column, max-subtracted, its
+        probability sliced off before the values: gpt-oss) | "sinks_first" (the sink column
+        first, dropped by ``narrow``)
     out: "linear" | "T" (y @ Wo.T) | "einsum" einsum("bte,de->btd")
     """
 
@@ -159,6 +162,8 @@ class Spelled(nn.Module):
         self.wo = nn.Parameter(torch.randn(d, heads * head_dim) * (heads * head_dim) ** -0.5)
         if between == "unbind":
             self.wqkv = nn.Parameter(torch.cat([self.wq.detach(), self.wk.detach(), self.wv.detach()]))
+        if score.startswith("sinks"):
+            self.sinks = nn.Parameter(torch.randn(heads))
         g = torch.Generator().manual_seed(0)
         self.register_buffer("perm", torch.randperm(head_dim, generator=g), persistent=False)
         self.perm_list = self.perm.tolist()
@@ -233,6 +238,15 @@ class Spelled(nn.Module):
             q3, k3, v3 = (t.reshape(B * self.h, T, self.e) for t in (q, k, v))
             s = torch.baddbmm(torch.zeros(B * self.h, T, T), q3, k3.transpose(1, 2), beta=0.0, alpha=self.e ** -0.5)
             o = torch.bmm(torch.softmax(s, dim=-1), v3).view(B, self.h, T, self.e)
+        elif self.score.startswith("sinks"):
+            s = q @ k.transpose(-1, -2) * self.e ** -0.5
+            sink = self.sinks.reshape(1, -1, 1, 1).expand(B, -1, T, 1)
+            first = self.score == "sinks_first"
+            s = torch.cat([sink, s] if first else [s, sink], dim=-1)
+            s = s - s.max(dim=-1, keepdim=True).values
+            p = F.softmax(s, dim=-1)
+            p = p.narrow(-1, 1, T) if first else p[..., :-1]
+            o = torch.matmul(p, v)
         else:
             o = torch.softmax(q @ k.transpose(-1, -2) * self.e ** -0.5, dim=-1) @ v
         o = o.transpose(1, 2).reshape(B, T, self.h * self.e)

@@ -31,6 +31,7 @@ CI_FAMILIES = {
     "bloom": 2,           # ALiBi
     "mpt": 2,             # ALiBi, fused Wqkv
     "opt": 2,             # learned positions
+    "gpt_oss": 2,         # attention sinks: a logit column concatenated to the scores, sliced off the probabilities
 }
 CI_OPTIONS = {"lowering": "aot_eager"}
 

@@ -58,7 +58,7 @@ def pairing(sites, comps) -> set:
 SPELLINGS = ([dict(proj=p) for p in ("T", "mT", "t", "transpose", "permute", "einsum2", "detach_w")]
              + [dict(between=b) for b in ("detach", "alias", "float", "to", "movedim", "broadcast_to", "expand_as",
                                          "unflatten", "narrow", "index", "index_select", "unbind", "bigT")]
-             + [dict(score=s) for s in ("einsum", "sdpa", "baddbmm")]
+             + [dict(score=s) for s in ("einsum", "sdpa", "baddbmm", "sinks", "sinks_first")]
              + [dict(out=o) for o in ("T", "einsum")])
 
 
@@ -92,7 +92,8 @@ def test_spelling_pairs_the_same_heads(kw, plain_pairing):
 
 @pytest.mark.parametrize("kw", [dict(proj="einsum2"), dict(between="detach"), dict(between="movedim"),
                                 dict(between="index"), dict(between="broadcast_to"), dict(score="einsum"),
-                                dict(score="baddbmm"), dict(out="einsum"), dict(between="bigT")],
+                                dict(score="baddbmm"), dict(out="einsum"), dict(between="bigT"),
+                                dict(score="sinks"), dict(score="sinks_first")],
                          ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_spelling_rewrites_exactly(kw):
     torch.manual_seed(1)

@@ -125,7 +125,8 @@ def planner_verdicts(model, args, kwargs=None):
 def test_counter_finds_every_spelling_of_attention():
     from attention_models import Spelled
 
-    for kw, n in [({}, 1), ({"score": "einsum"}, 1), ({"score": "sdpa"}, 1), ({"score": "baddbmm"}, 1)]:
+    for kw, n in [({}, 1), ({"score": "einsum"}, 1), ({"score": "sdpa"}, 1), ({"score": "baddbmm"}, 1),
+                  ({"score": "sinks"}, 1), ({"score": "sinks_first"}, 1)]:
         graphs = []
         torch._dynamo.reset()
         torch.compile(Spelled(**kw), backend=lambda gm, ex: graphs.append(gm) or gm.forward)(torch.randn(1, 3, 64))

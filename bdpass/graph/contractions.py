@@ -6,8 +6,10 @@ and every linear-of-linear got a verdict" is checked.
 
 * An *attention* is a score contraction and its value contraction: an SDPA call (both in
   one node), or a ``matmul``/``bmm``/``einsum`` whose result reaches a softmax through
-  score arithmetic (scaling, masks, casts, dropout, soft-capping, views) and whose
-  probabilities, through casts, dropout and views, are an operand of a second contraction.
+  score arithmetic (scaling, masks, casts, dropout, soft-capping, views, a concatenation
+  with extra logits such as attention sinks) and whose probabilities, through casts,
+  dropout, views and slices (the sinks' columns dropped), are an operand of a second
+  contraction.
 * A *linear-of-linear* is a contraction with a weight (a parameter or buffer under views
   only) whose activation operand is, through data-movement ops only, the output (bias
   included) of another contraction with a weight.
@@ -33,11 +35,12 @@ _LINEARS = {F.linear, torch._C._nn.linear, torch.addmm, torch.Tensor.addmm}
 _SCORE_OPS = {"add", "iadd", "add_", "sub", "isub", "sub_", "mul", "imul", "mul_", "truediv", "itruediv", "div",
               "div_", "neg", "masked_fill", "masked_fill_", "where", "to", "type", "float", "half", "bfloat16", "double",
               "type_as", "contiguous", "clone", "detach", "dropout", "view", "reshape", "tanh", "clamp",
-              "clamp_min", "clamp_max", "expand", "expand_as"}
+              "clamp_min", "clamp_max", "expand", "expand_as", "cat", "concat", "concatenate"}
 # op names that carry probabilities from the softmax to the value contraction
 _PROB_OPS = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "contiguous", "clone", "detach", "dropout",
              "view", "reshape", "mul", "imul", "mul_", "masked_fill", "masked_fill_", "where", "expand",
-             "expand_as", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten"}
+             "expand_as", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten", "getitem",
+             "narrow", "contiguous"}
 # data-movement ops between two weight contractions
 _MOVE_OPS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
              "swapaxes", "swapdims", "movedim", "moveaxis", "contiguous", "clone", "detach", "alias", "expand",
