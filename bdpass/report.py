@@ -13,6 +13,13 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# The reason of a pair whose K or V is concatenated with earlier positions (a KV cache), and
+# what to do about it: said once per graph in its summary line.
+KV_CACHE = "concatenated along a non-channel dimension (e.g. a KV cache)"
+KV_CACHE_HINT = ("{n} site(s) skipped where K/V are concatenated with other positions, as a KV cache does; "
+                 "torch.compile cannot rewrite those, a model prepared on a cache-free run can "
+                 "(bdpass.prepare(model, ..., use_cache=False), then generate with the cache: docs/prepare.md)")
+
 
 @dataclass
 class RewriteRecord:
@@ -86,6 +93,9 @@ class GraphReport:
                 f"lowering={self.lowering}")
         if self.fallback:
             line += f"; fell back: {self.fallback}"
+        cached = sum(1 for sk in self.skipped if KV_CACHE in sk.reason)
+        if cached:
+            line += "; " + KV_CACHE_HINT.format(n=cached)
         return line
 
 

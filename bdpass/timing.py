@@ -214,10 +214,10 @@ class Verdict:
     def describe(self) -> str:
         if self.state == "unsure":
             return (f"{self.ratio:.2f}x (unsure: {self.lo:.2f}-{self.hi:.2f}x over {self.rounds} rounds, "
-                    f"the machine was busy)")
+                    f"the calls scattered too much to tell)")
         if self.state == "implausible":
             return (f"{self.ratio:.2f}x (implausible: its FLOPs and bytes allow {self.bound:.2f}x, "
-                    f"the machine was busy; not trusted)")
+                    f"a disturbed measurement; not trusted)")
         return f"{self.ratio:.2f}x"
 
     def as_json(self) -> dict:
@@ -413,7 +413,7 @@ def parse_entry(value: Any, problem: Mapping[str, Any] | None = None) -> tuple[M
         return None, f"an unreadable entry ({type(e).__name__}: {e})"
     m = Measured(seconds, stats, verdicts, "cache", measured_at)
     if not final or not m.final:
-        return None, "measured while the machine was busy (unsure)"
+        return None, "measured while unsure (the calls scattered too much to tell)"
     if vers != versions():
         return None, f"measured with other versions ({vers} != {versions()})"
     if margin != cost.MARGIN:

@@ -16,7 +16,7 @@ from bdpass.graph import contractions
 from bdpass.graph.layout import analyze
 from bdpass.graph.linears import find_linears
 from bdpass.graph.params import find_params
-from bdpass.report import GraphReport
+from bdpass.report import KV_CACHE, GraphReport
 from bdpass.rewrites import bd_plan, pifa as pifa_rw
 from fuzz import make_case
 from lowrank_models import AsvdLinear, Conv1DChain, Dense, LoraLinear, LowRankMLP, MatmulChain, SharedIntermediate, SvdLinear
@@ -153,8 +153,15 @@ def test_zoo_with_kv_cache_every_value_head_has_a_verdict(family, monkeypatch):
     vo = [r for r in rep.rewrites + rep.skipped if r.kind == "bd_vo"]
     qk = [r for r in rep.rewrites + rep.skipped if r.kind == "bd_qk"]
     assert len({r.site for r in vo}) == len({r.site for r in qk}) == 2, str(rep)
+    hint = "prepared on a cache-free run"
     if family != "deepseek_v2":     # DeepSeek caches the latent: K/V never leave the graph
         assert all("cache" in s.reason for s in rep.skipped if s.kind == "bd_vo"), str(rep)
+        # what to do about it: said once per graph, on its summary line, with the count
+        cached = [s for s in rep.skipped if KV_CACHE in s.reason]
+        assert str(rep).count(hint) == len(rep.graphs) == 1, str(rep)
+        assert f"{len(cached)} site(s) skipped where K/V" in rep.graphs[0].summary(), str(rep)
+    else:
+        assert hint not in str(rep), str(rep)
     modules = dict(model.named_modules())
     assert all(r.site in modules for r in vo + qk), str(rep)
 

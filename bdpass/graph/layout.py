@@ -38,6 +38,7 @@ import torch
 import torch.fx
 
 from .._compat import example_value, size_hint
+from ..report import KV_CACHE
 from .linears import LinearSite, einsum_labels, einsum_operands
 from .ops import DTENSOR_ADVICE, Collective, arg, canonical, collective, op_label, shape_of
 
@@ -798,8 +799,8 @@ class _Analysis:
                 return
             for l in lays:
                 if l is not None:
-                    self.escape(l, "concatenated along a non-channel dimension (e.g. a KV cache)")
-            self.opaque(node, "concatenated along a non-channel dimension (e.g. a KV cache)")
+                    self.escape(l, KV_CACHE)
+            self.opaque(node, KV_CACHE)
             return
         # concatenation along a channel dimension: materialize that dim for every part
         arrs = []
