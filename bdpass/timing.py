@@ -3,44 +3,49 @@ the machine the model runs on, at the graph's token count; apply a candidate onl
 measurement is *sure* it pays, and remember sure results.
 
 **Sampling.** The candidates run on random inputs of the site's shape, dtype and device in
-interleaved rounds (original, candidate 1, candidate 2, ..., the order reversed every other
-round, so that drifts of the machine hit all alike): at least ``MIN_REPEATS`` rounds, then
+interleaved rounds (original, candidate 1, candidate 2, ..., the order rotated and reversed
+from round to round, :func:`round_order`, so that drifts of the machine and a call's position
+in the round hit all alike): at least ``MIN_REPEATS`` rounds, then
 until about ``TARGET_SECONDS`` per candidate or ``MAX_REPEATS`` rounds.
 
-**Estimates: the floor, judged by its spread.** Another process can only add time to a
-call, never remove it, so each candidate's time is estimated by its fastest call (its
-*floor*), and how far to trust it by how far its lower quartile sits above it (its
-*spread*). Evidence (``python benchmarks/timing_noise.py``: 138 samples of 25 interleaved
-rounds of the PIFA pair d=1024, r=512 and of the MLA block's ``kv_b_proj`` forms, fp32 and
-bf16, 1024 tokens, on the 2-core CPU while other jobs ran, alone or with 3 more processes
-busy in 50-200 ms bursts or steadily): one call of the fp32 pair took 12-72 ms at its floor
-and 26-128 ms at its median without the extra processes, 31-110 ms and 122-163 ms with the
-bursty ones; on such a machine no single statistic is the quiet time. Against the bf16 sites,
-which every median put at 0.2-0.9x (slower), the floors alone claimed a win 3 times (1.50x,
-1.56x, 7.4x: the load never paused during one candidate's calls), and the medians of a same
-site moved from 0.39x to 0.90x between runs (and a median timing is what stored 1.59x for a
-``kv_b_proj`` form that runs at 0.87x, the defect behind this module). So a ratio is applied
-only when the floors, their spreads and the per-round ratios all agree (below): none of the
-138 samples then gave a sure verdict on the wrong side for the bf16 sites, and on that
-machine none was sure that a candidate pays (declined: the model stays as fast as plain
-Inductor).
+**Estimates.** Another process can only add time to a call, never remove it, so each
+candidate has three estimates that a busy machine distorts differently: its fastest call (its
+*floor*), its median call, and the ratios ``o_i / c_i`` of the calls of each round (the two
+ran back to back, so a slow phase of the machine hits both). No single one is the quiet
+time: on the 2-core CPU with other jobs running, the floors alone claimed a win 3 times
+against bf16 sites that every median put at 0.2-0.9x (the load never paused during one
+candidate's calls), and the medians of a same site moved from 0.39x to 0.90x between runs (a
+median timing is what once stored 1.59x for a ``kv_b_proj`` form that runs at 0.87x).
 
-**Verdict.** For each candidate ``c`` against the original ``o``, two intervals of the
-ratio: the floors', each time taken as its floor plus or minus its spread ``s = q25 - floor``
-(a quiet machine's time lies a little above its floor; a floor that only busy calls reached
-lies above the time, by about as much as the calls near it scatter), and the interquartile
-range of the per-round ratios ``o_i / c_i`` (the rounds agree on a side). The candidate is
-*sure to pay* when both lie at or above ``1 / (1 - cost.MARGIN)``, *sure to be slower* when
-both lie below it, and *unsure* otherwise; with fewer than ``SURE_ROUNDS`` rounds (a busy
-machine stretches each round, and the time bound stops early) only a candidate at least twice
-slower at its best is sure. When calls scatter by a few percent (a quiet machine), both
-intervals are a few percent wide and a candidate 10% faster is sure. A candidate whose floor
-ratio exceeds ``cost.PLAUSIBLE`` times the speedup its FLOPs and bytes allow
-(:func:`bdpass.cost.pifa_ideal`, :func:`bdpass.cost.bd_ideal`) is *implausible*: a bad
+**Verdict.** For each candidate ``c`` against the original ``o``, with ``th = 1 / (1 -
+cost.MARGIN)``:
+
+* *pays* when the floors' ratio, the medians' ratio and the whole confidence interval of the
+  median per-round ratio (:func:`median_interval`: distribution-free, about 95%) are all at
+  or above ``th``;
+* *slower* when all three lie below it and so does the floors' interval, each time taken as
+  its floor plus its spread (``q25 - floor``);
+* *unsure* otherwise, and with fewer than ``SURE_ROUNDS`` rounds (a busy machine stretches
+  each round, and the time bound stops early) unless the candidate is at least twice slower.
+
+A candidate whose floor ratio exceeds ``cost.PLAUSIBLE`` times the speedup its FLOPs and bytes
+allow (:func:`bdpass.cost.pifa_ideal`, :func:`bdpass.cost.bd_ideal`) is *implausible*: a bad
 measurement, not a win. Unsure and implausible candidates are measured again with the
 original (up to ``EXTRA_BATCHES`` more batches of rounds, each bounded like the first); a
 candidate still unsure or implausible after that is not applied, and the caller's skip reason
 quotes its ratio, its interval and the word ``unsure`` (or the bound it exceeded).
+
+Evidence (``python benchmarks/timing_noise.py --tokens 256 --reps 4 --out
+benchmarks/results/timing_noise_256.json``, the same with ``--tokens 1024``, then ``python
+benchmarks/timing_noise.py --judge benchmarks/results/timing_noise_*.json`` to judge the
+recorded rounds again, torch 2.15.0 on the 2-core Intel Xeon; 144 samples of 25 interleaved rounds of the PIFA pair d=1024, r=512 and the MLA
+block's ``kv_b_proj`` forms, fp32 and bf16, quiet, with 3 bursty or 3 steady busy processes
+on the 2 cores; truth = the quiet medians: fp32 forms 1.09-1.18x, bf16 0.52-0.90x): this rule
+gave no verdict on the wrong side, and on the quiet machine it was sure of 46 of the 48
+samples. The rule it replaced (floor interval and interquartile range of the per-round ratios
+both clear of ``th``) was also never wrong but sure of only 35 of 48 quiet samples: it left
+the fp32 PIFA pair (1.11x) and the grouped form (1.09x) unsure half the time on a quiet
+machine, so a fresh process declined a real gain at random.
 
 **Cache and re-validation.** Results are cached on disk per machine
 (``$BDPASS_CACHE_DIR/timings.json``, default ``~/.cache/bdpass``), keyed by the machine
@@ -105,7 +110,8 @@ SURE_ROUNDS = 10          # fewer paired rounds are sure only of a candidate twi
 CONFIRM_REPEATS = SURE_ROUNDS
 MAX_AGE_DAYS = 30.0
 QUANTILE = 0.25
-FORMAT = 2
+CONFIDENCE_Z = 1.96       # the median interval of the per-round ratios: about 95%
+FORMAT = 3                # 3: lo/hi are the median interval (2: the interquartile range)
 BASELINE = "original"
 
 _memory: dict[str, "Measured"] = {}     # entries measured or confirmed in this process
@@ -233,6 +239,18 @@ class Verdict:
         return v
 
 
+def median_interval(ratios: Sequence[float], z: float = CONFIDENCE_Z) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median of ``ratios``: the order
+    statistics ``k`` and ``n - 1 - k`` of the sorted ratios, ``k = floor((n - z sqrt(n)) / 2)``
+    (the binomial count of ratios below the median, within ``z`` standard deviations)."""
+    s = sorted(ratios)
+    n = len(s)
+    if n == 0:
+        return 0.0, float("inf")
+    k = max(0, int(math.floor((n - z * math.sqrt(n)) / 2)))
+    return s[k], s[n - 1 - k]
+
+
 def judge(rounds: Sequence[Mapping[str, float]], name: str, baseline: str = BASELINE,
           bound: float | None = None) -> Verdict:
     """The verdict on ``name`` from interleaved rounds (each a dict name -> seconds; a round
@@ -246,19 +264,17 @@ def judge(rounds: Sequence[Mapping[str, float]], name: str, baseline: str = BASE
     f_c, q_c = min(cand), _quantile(cand, QUANTILE)
     s_o, s_c = q_o - f_o, q_c - f_c         # each time within its floor +- this spread
     ratio = f_o / f_c if f_c > 0 else float("inf")
-    lo = max(f_o - s_o, 0.0) / (f_c + s_c) if f_c + s_c > 0 else float("inf")
-    hi = (f_o + s_o) / (f_c - s_c) if f_c - s_c > 0 else float("inf")
-    per_round = [o / c for o, c in pairs if c > 0]
-    if per_round:
-        lo, hi = min(lo, _quantile(per_round, QUANTILE)), max(hi, _quantile(per_round, 1.0 - QUANTILE))
+    medians = statistics.median(base) / statistics.median(cand) if statistics.median(cand) > 0 else float("inf")
+    hi_floor = (f_o + s_o) / (f_c - s_c) if f_c - s_c > 0 else float("inf")
+    lo, hi = median_interval([o / c for o, c in pairs if c > 0])
     th = threshold()
     if bound is not None and ratio > bound * cost.PLAUSIBLE:
         state = "implausible"
-    elif len(pairs) < SURE_ROUNDS and not hi < th / 2:
+    elif len(pairs) < SURE_ROUNDS and not max(hi, hi_floor) < th / 2:
         state = "unsure"              # too few rounds to resolve the floors, unless far slower
-    elif lo >= th:
+    elif lo >= th and ratio >= th and medians >= th:
         state = "pays"
-    elif hi < th:
+    elif hi < th and ratio < th and medians < th and hi_floor < th:
         state = "slower"
     else:
         state = "unsure"
@@ -442,6 +458,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def round_order(names: Sequence, i: int) -> list:
+    """The order of round ``i``: rotated by one place every two rounds and reversed every
+    other round, so that over ``2 len(names)`` rounds each name runs once in every position
+    in each direction (with 3 or more names, reversing alone would keep the middle ones in
+    the middle: a call's position moved its time by several percent on the 2-core CPU)."""
+    names = list(names)
+    rot = (i // 2) % max(len(names), 1)
+    order = names[rot:] + names[:rot]
+    return order[::-1] if i % 2 else order
+
+
 def _rounds(device: torch.device, candidates: Mapping[str, Callable[[], Any]], names: Sequence[str],
             min_rounds: int, max_rounds: int, warmup: int) -> list[dict[str, float]]:
     """Interleaved rounds of ``names`` (order reversed every other round): a list of dicts
@@ -456,7 +483,7 @@ def _rounds(device: torch.device, candidates: Mapping[str, Callable[[], Any]], n
         start = time.perf_counter()
         for rep in range(max_rounds):
             r: dict[str, float] = {}
-            for n in (names if rep % 2 == 0 else list(reversed(names))):
+            for n in round_order(names, rep):
                 t0 = time.perf_counter()
                 candidates[n]()
                 _sync(device)

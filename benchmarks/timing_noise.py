@@ -17,6 +17,13 @@ For each sample it prints the ratio (original / candidate) of the medians, of th
 interleaved rounds), and the verdict of a whole measurement as the backend makes it (its
 first batch bounded in time, then extra batches while unsure; no cache). ``--out`` also keeps
 every round's seconds.
+
+    python benchmarks/timing_noise.py --judge FILE [FILE ...]
+
+judges the recorded rounds of ``--out`` files again with the current
+:func:`bdpass.timing.judge`, against the truth of each site (the median of its quiet samples'
+median ratios): per scenario, how many verdicts were sure and right, unsure, or on the wrong
+side, next to the verdicts recorded when the rounds were taken (the rule of that time).
 """
 from __future__ import annotations
 
@@ -84,13 +91,55 @@ def capture(models) -> dict:
     return got
 
 
+def judge_again(paths) -> int:
+    """See the module docstring (``--judge``)."""
+    from collections import Counter
+
+    from bdpass import timing
+
+    th = timing.threshold()
+    table: Counter = Counter()
+    for path in paths:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        quiet: dict = {}
+        for r in rows:
+            if r["scenario"] == "quiet":
+                quiet.setdefault((r["op"], r["dtype"], r["candidate"]), []).append(r["median_ratio"])
+        truth = {k: statistics.median(v) for k, v in quiet.items()}
+        for r in rows:
+            t = truth.get((r["op"], r["dtype"], r["candidate"]))
+            if t is None:
+                continue
+            side = "pays" if t >= th else "slower"
+            now = timing.judge(r["rounds"], r["candidate"], bound=r.get("bound")).state
+            for rule, state in (("recorded", r["verdict"]), ("current", now)):
+                out = ("right" if state == side else "unsure" if state in ("unsure", "implausible")
+                       else "WRONG")
+                table[(r["scenario"], rule, out)] += 1
+            if now in ("pays", "slower") and now != side:
+                print(f"wrong: {path} {r['scenario']} {r['rep']} {r['op']} {r['dtype']} {r['candidate']}: "
+                      f"{now}, truth {t:.2f}x")
+    print(f"{'scenario':8s} {'rule':9s} {'right':>6s} {'unsure':>7s} {'WRONG':>6s}")
+    for scen in ("quiet", "bursty", "steady"):
+        for rule in ("recorded", "current"):
+            c = [table[(scen, rule, o)] for o in ("right", "unsure", "WRONG")]
+            if any(c):
+                print(f"{scen:8s} {rule:9s} {c[0]:6d} {c[1]:7d} {c[2]:6d}")
+    return 0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--scenarios", default="quiet,bursty,steady")
     p.add_argument("--out", default=None)
+    p.add_argument("--judge", nargs="+", default=None, metavar="FILE",
+                   help="judge the rounds recorded in these --out files again, then exit")
     a = p.parse_args()
+    if a.judge:
+        return judge_again(a.judge)
     os.environ.setdefault("BDPASS_CACHE_DIR", tempfile.mkdtemp(prefix="bdpass-noise-"))
     import bd_speed
     from bdpass import timing
@@ -120,7 +169,7 @@ def main():
                                / statistics.median(r[n] for r in rounds))
                         v = timing.judge(rounds, n, bound=timing.ideal(problem, n))
                         row = {"scenario": scen, "rep": rep, "op": problem["op"], "dtype": problem["dtype"],
-                               "candidate": n, "median_ratio": med, "floor_ratio": v.ratio, "lo": v.lo, "hi": v.hi,
+                               "candidate": n, "bound": timing.ideal(problem, n), "median_ratio": med, "floor_ratio": v.ratio, "lo": v.lo, "hi": v.hi,
                                "verdict": v.state, "measure": full.verdicts[n].state,
                                "measure_ratio": full.verdicts[n].ratio, "measure_rounds": full.verdicts[n].rounds}
                         rec["rows"].append({**row, "rounds": [{k: r[k] for k in ("original", n)} for r in rounds]})
@@ -134,4 +183,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

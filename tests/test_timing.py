@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import Counter
 import subprocess
 import sys
 import textwrap
@@ -151,6 +152,26 @@ def test_noisy_runs_are_unsure_and_too_few_rounds_are_unsure():
     assert timing.judge(_rounds_of(1.0, 2.5, n=5), "c").state == "slower"     # far slower: sure at once
 
 
+def test_a_real_gain_under_per_call_jitter_is_sure_and_no_loss_is_ever_taken_for_one():
+    """Calls that scatter by up to 20% each (a quiet shared VM): the median interval of the
+    per-round ratios resolves a real 11% gain in nearly every run of 25 rounds, and never calls
+    a candidate that is no faster a gain (the rule before it was sure of such a gain about half
+    the time: ``python benchmarks/timing_noise.py --judge``)."""
+    def states(o, seeds=200):
+        return Counter(timing.judge(_rounds_of(o, 1.0, jitter=0.2, seed=s), "c").state for s in range(seeds))
+
+    gain = states(1.11)
+    assert gain["pays"] >= 190 and gain["slower"] == 0, gain
+    for o in (1.0, 0.95, 0.8):
+        assert states(o)["pays"] == 0, o
+
+
+def test_median_interval_is_the_order_statistics_around_the_median():
+    lo, hi = timing.median_interval([float(i) for i in range(1, 101)])     # n=100: k = floor((100-19.6)/2) = 40
+    assert (lo, hi) == (41.0, 60.0)
+    assert timing.median_interval([2.0]) == (2.0, 2.0)
+
+
 def _as_measured(rounds):
     return timing._result(rounds, ["original", "c"], "original", {})
 
@@ -264,10 +285,11 @@ def test_a_right_cache_entry_is_confirmed_once_per_process(monkeypatch, tmp_path
 
 def test_a_busy_confirmation_does_not_keep_an_entry(monkeypatch, tmp_path):
     """A confirmation that cannot be sure is no confirmation: measured afresh (and, the
-    machine still busy, declined and stored as not final)."""
+    machine still busy, declined and stored as not final). The candidate is 4% faster, just
+    over the margin: under this noise no number of rounds that fits the time bound is sure."""
     _fresh(monkeypatch, tmp_path)
-    k = _write_entry(tmp_path, PIFA, {"original": 1.25e-3, "pifa": 1e-3}, PAYS)
-    s = Scripted({"original": 1.25e-3, "pifa": 1e-3}, busy=True)
+    k = _write_entry(tmp_path, PIFA, {"original": 1.04e-3, "pifa": 1e-3}, PAYS)
+    s = Scripted({"original": 1.04e-3, "pifa": 1e-3}, busy=True)
     monkeypatch.setattr(timing, "_rounds", s)
     got = timing.measure(CPU, PIFA, _cands("original", "pifa"))
     assert got.origin == "measured" and not timing.pays(got, "pifa")
