@@ -1,8 +1,13 @@
-"""Every private torch internal that bdpass touches, in one place.
+"""The private torch internals that bdpass touches and that move between releases, in one
+place: Dynamo's sources and restarts, Inductor's compile entry and mode options, fake
+tensors, DTensor, structured tracing, the export flag, guards on module attributes.
 
-torch moves these between releases; supported range: torch 2.11 (the GPU image) up to
-the newest PyPI release. Anything version-dependent is resolved here so that the rest
-of the package uses plain functions.
+Supported range: torch 2.11 (the GPU image) up to the newest PyPI release; anything
+version-dependent is resolved here so that the rest of the package uses plain functions.
+A few internals that have kept their spelling across that range are used where they are
+needed: ``torch._dynamo.reset``/``graph_break``/``config`` (tests, ``prepare/capture.py``),
+``torch._ops.OpOverload`` (``graph/ops.py``), ``torch.library`` and the custom ops'
+registration (``inductor_lowerings/``).
 """
 from __future__ import annotations
 
@@ -196,13 +201,22 @@ def is_dynamo_restart(e: BaseException) -> bool:
     return restart is not None and isinstance(e, restart)
 
 
-def is_dynamo_tracing_error(e: BaseException) -> bool:
-    """True if Dynamo could not trace (a graph break under fullgraph), False for an error
-    raised by the model's own code."""
-    exc = getattr(torch._dynamo, "exc", None)
-    if exc is None:
+def is_fake(t: Any) -> bool:
+    """True for a tensor without data: a ``FakeTensor`` (Dynamo's example values, export) or a
+    tensor on the meta device."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or (isinstance(t, torch.Tensor) and t.device.type == "meta")
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a ``DTensor`` or a parameter wrapping one (False on a torch built without
+    distributed)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:
         return False
-    return isinstance(e, exc.TorchDynamoException) and not isinstance(e, exc.TorchRuntimeError)
+    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
 
 
 def reset_code(code: Any) -> None:
@@ -213,17 +227,6 @@ def reset_code(code: Any) -> None:
             fn(code)
         except Exception:
             pass
-
-
-def qualified_target_name(target: Any) -> str:
-    """``module.qualname`` of an FX call_function target."""
-    try:
-        from torch.fx.node import _get_qualified_name
-
-        return _get_qualified_name(target)
-    except Exception:
-        mod = getattr(target, "__module__", None) or "?"
-        return f"{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"
 
 
 # ----------------------------------------------------------------------------- module-relative names

@@ -453,6 +453,13 @@ def lookup(k: str) -> Measured | None:
 
 
 # ---------------------------------------------------------------------------- measuring
+def can_time(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device can run the candidates for real (not a fake or meta tensor)."""
+    from ._compat import is_fake
+
+    return not is_fake(t) and t.device.type in ("cpu", "cuda")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx
 
+from . import _compat
 from .graph.exact import Float64Interpreter, LocalInterpreter, float64_inputs
 from .runtime import VerificationError, compare_outputs
 
@@ -43,19 +43,8 @@ class RewriteValidationError(VerificationError):
     """Raised with ``strict=True`` when a rewritten graph fails validation."""
 
 
-@dataclass
-class Outcome:
-    ok: bool
-    reason: str = ""            # why it failed, or why validation was skipped
-    skipped: bool = False
-    seconds: float = 0.0
-
-
 def fake_inputs(example_inputs: Sequence[Any]) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return any(isinstance(t, FakeTensor) or (isinstance(t, torch.Tensor) and t.device.type == "meta")
-               for t in example_inputs)
+    return any(_compat.is_fake(t) for t in example_inputs)
 
 
 def tolerance(bounds: Sequence[float]) -> float:

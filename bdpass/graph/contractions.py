@@ -1,8 +1,15 @@
 """The contractions a report must account for, found from the graph alone.
 
-This is deliberately independent of the channel-layout analysis (:mod:`.layout`) and of the
-linear-site matcher (:mod:`.linears`): it is the yardstick against which "every attention
-and every linear-of-linear got a verdict" is checked.
+It finds them without the channel-layout analysis (:mod:`.layout`) and without the
+linear-site matcher (:mod:`.linears`), from op names and data flow alone, and it is the
+yardstick against which "every attention and every linear-of-linear got a verdict" is
+checked (``tests/test_verdicts.py``, the architecture sweep). It is not independent of the
+verdicts in one respect: :mod:`.layout` takes :func:`find_attention`'s list to give each
+attention a QK and an AV verdict (or an "unmatched" one), so an attention that this module
+does not recognise is missed by both, silently. What guards that side is the spelling
+coverage test (``tests/test_spelling_coverage.py``: every op that reaches a tracked channel
+is modelled) and the sweep's list of contractions with a verdict that this module does not
+count (``verdicts_extra``).
 
 * An *attention* is a score contraction and its value contraction: an SDPA call (both in
   one node), or a ``matmul``/``bmm``/``einsum`` whose result reaches a softmax through

@@ -27,6 +27,8 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
+from .._compat import is_dtensor
+
 _FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 _COMPLEX_DTYPES = {torch.complex32, torch.complex64, torch.complex128}
 _TO_DOUBLE_METHODS = {"float", "half", "bfloat16", "double"}
@@ -65,18 +67,6 @@ class CommunicatingGraph(NotImplementedError):
     """A graph whose extra runs would communicate with other ranks (see the module docstring)."""
 
 
-def _is_dtensor(v: Any) -> bool:
-    global _DTENSOR
-    if _DTENSOR is None:
-        try:
-            from torch.distributed.tensor import DTensor
-        except Exception:                   # a build of torch without distributed
-            DTensor = ()
-        _DTENSOR = DTensor
-    return bool(_DTENSOR) and isinstance(v, _DTENSOR)
-
-
-_DTENSOR: Any = None
 
 
 class LocalInterpreter(torch.fx.Interpreter):
@@ -95,7 +85,7 @@ class LocalInterpreter(torch.fx.Interpreter):
             c = collective(n)
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             for v in (*args, *kwargs.values()):
-                if _is_dtensor(v) or (isinstance(v, (list, tuple)) and any(_is_dtensor(u) for u in v)):
+                if is_dtensor(v) or (isinstance(v, (list, tuple)) and any(is_dtensor(u) for u in v)):
                     raise CommunicatingGraph(f"{n.name} computes on a DTensor (any op on one may communicate "
                                              "with the other ranks)")
             if c is not None:

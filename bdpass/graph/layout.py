@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .._compat import example_value, size_hint
+from .._compat import example_value, is_fake as _compat_is_fake, size_hint
 from ..report import KV_CACHE
 from .linears import LinearSite, einsum_labels, einsum_operands
 from .ops import DTENSOR_ADVICE, Collective, arg, canonical, collective, op_label, shape_of
@@ -1386,9 +1386,7 @@ def _const_index(gm: torch.fx.GraphModule, x: Any) -> np.ndarray | None:
             a = np.asarray(x)
             return a if a.dtype.kind in "iub" else None
         if isinstance(x, torch.Tensor):
-            from torch._subclasses.fake_tensor import FakeTensor
-
-            if isinstance(x, FakeTensor) or x.is_floating_point() or x.is_complex() or x.device.type == "meta":
+            if _compat_is_fake(x) or x.is_floating_point() or x.is_complex():
                 return None
             return x.detach().cpu().numpy()
         if not isinstance(x, torch.fx.Node):

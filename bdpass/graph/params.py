@@ -52,7 +52,7 @@ def weight_problem(params: list[ParamInfo]) -> str | None:
             return f"{p.name} is on the meta device"
         if not t.is_floating_point() or t.element_size() < 2:
             return f"{p.name} has dtype {str(t.dtype).replace('torch.', '')} (needs float16/bfloat16/float32/float64)"
-        if _is_dtensor(t):
+        if _compat.is_dtensor(t):
             return f"{p.name} is a DTensor (sharded by torch.distributed.tensor): bd rewrites plain local " \
                    f"weights only; {DTENSOR_ADVICE}"
         if _is_subclass(t):
@@ -63,14 +63,6 @@ def weight_problem(params: list[ParamInfo]) -> str | None:
     if len(devices) > 1:
         return "weights on different devices (" + ", ".join(sorted(map(str, devices))) + ")"
     return None
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:           # a build of torch without distributed
-        return False
-    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
 
 
 def _is_subclass(t: torch.Tensor) -> bool:

@@ -298,13 +298,6 @@ class _ComponentMath:
 
 
 # ---------------------------------------------------------------------------- decision
-def _can_time(site: LinearSite) -> bool:
-    t = site.weight.tensor
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return not isinstance(t, FakeTensor) and t.device.type in ("cpu", "cuda")
-
-
 def _synthetic(site: LinearSite, src: Source, form: str) -> list[SetFactors]:
     """Factors with the shapes and table structure of a form but random values: what timing
     needs (a form's speed does not depend on which rows it pivots on, only on how many
@@ -381,7 +374,7 @@ def decide(comp: Component, sites: Sequence[LinearSite], sources: dict[int, Sour
         if not cost_model:
             secs, order = None, ["per_head"]
         else:
-            if _can_time(site):
+            if timing.can_time(site.weight.tensor):
                 secs, how = _time_source(site, src, forms), f"measured on {timing.machine(site.weight.tensor.device)}"
             else:
                 secs, how = _estimate_source(site, src, forms), (f"estimated on {site.weight.tensor.device.type} "

@@ -150,7 +150,7 @@ def _cost_objection(chain: Chain, f, restore_order: bool) -> str | None:
     dtype = _compute_dtype(chain)
     dev = second.weight.tensor.device
     M = max(first.tokens, 1)
-    if not _can_time(second.weight.tensor):
+    if not timing.can_time(second.weight.tensor):
         est = cost.pifa(M, d_in, r, d_out, dtype, dev, restore_order)
         return None if est.pays else est.reason("the PIFA pair", cost.device_model(dev), M)
     import inductor_lowerings  # noqa: F401  (registers the ops)
@@ -176,12 +176,6 @@ def _cost_objection(chain: Chain, f, restore_order: bool) -> str | None:
         return None
     return (f"cost model: the PIFA pair measured at {timing.describe(ms, 'pifa')} of the original on "
             f"{timing.machine(dev)} at {M} tokens (needs >= {1 / (1 - cost.MARGIN):.2f}x)")
-
-
-def _can_time(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return not isinstance(t, FakeTensor) and t.device.type in ("cpu", "cuda")
 
 
 def apply_chain(editor: GraphEditor, chain: Chain, index: int, budget_for: Callable[[Any], float],
