@@ -152,7 +152,7 @@ def threads_for(n_weights: int):
     if n_weights >= SMALL_GRAPH:
         yield
         return
-    from .identities.shared import _single_thread
+    from .identities.shared_row_search import _single_thread
 
     with _single_thread():
         yield

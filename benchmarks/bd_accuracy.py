@@ -295,7 +295,7 @@ def head_blocks(P, cfg: Config, l: int) -> torch.Tensor:
 def choose_rows(form: str, W: torch.Tensor, seed: int, seconds: float):
     """Rows (2H, d_h) for every head block of one layer, and notes."""
     from bdpass.identities import bd_factors, reference_rows
-    from bdpass.identities.shared import grouped_rows, shared_rows
+    from bdpass.identities.shared_row_search import grouped_rows, shared_rows
     n, d_h = W.shape[0], W.shape[2]
     t = time.perf_counter()
     if form == "per-head":
@@ -333,7 +333,7 @@ def cluster_rows(W: torch.Tensor, k: int, seed: int, seconds: float, rounds: int
     """Groups by clustering instead of contiguous ranges: start from the contiguous
     groups, then alternately move every head to the group whose rows suit it best
     (smallest cond2) and re-choose each group's rows; keep the best partition."""
-    from bdpass.identities.shared import grouped_rows, max_cond
+    from bdpass.identities.shared_row_search import grouped_rows, max_cond
     n, d_h = W.shape[0], W.shape[2]
     groups, r = grouped_rows(W, k, max_seconds=seconds, seed=seed)
     best = None

@@ -53,7 +53,7 @@ def forbid_factorization(monkeypatch):
     import bdpass.identities.bd
     import bdpass.identities.pifa
     import bdpass.identities.pivots
-    import bdpass.identities.shared
+    import bdpass.identities.shared_row_search
     import bdpass.rewrites.bd_attention
     import bdpass.rewrites.pifa
 
@@ -68,7 +68,7 @@ def forbid_factorization(monkeypatch):
         bdpass.identities.bd: ("bd_factors", "bd_factors_with_rows", "pivoted_qr"),
         bdpass.identities.pifa: ("pifa_factors", "pivoted_qr"),
         bdpass.identities.pivots: ("pivoted_qr", "pivot_columns"),
-        bdpass.identities.shared: ("shared_rows", "grouped_rows"),
+        bdpass.identities.shared_row_search: ("shared_rows", "grouped_rows"),
         bdpass.rewrites.pifa: ("pifa_factors",),
         bdpass.rewrites.bd_attention: ("bd_factors_with_rows", "pivot_columns", "form_factors"),
         bdpass.backend: ("rewrite_graph",),

@@ -16,7 +16,7 @@ from bdpass.identities import (
     shared_rows,
 )
 from helpers import fold_query
-from bdpass.identities.shared import _State, max_cond
+from bdpass.identities.shared_row_search import _State, max_cond
 
 F64 = torch.float64
 

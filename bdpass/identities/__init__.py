@@ -16,7 +16,7 @@ from .pivots import (
     pivoted_qr,
     unit_roundoff,
 )
-from .shared import expected_growth, first_order_factors, grouped_rows, max_cond, shared_rows
+from .shared_row_search import expected_growth, first_order_factors, grouped_rows, max_cond, shared_rows
 
 __all__ = [
     "BdFactors",
