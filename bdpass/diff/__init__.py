@@ -8,22 +8,14 @@ with per-node numerics against float64, the per-rule table and the costs.
 Console script: ``bdpass diff path/to/file.py:factory`` or ``bdpass diff hf:gpt2``.
 
 This package is itself callable: ``bdpass.diff(model, *args, **kwargs)`` is
-``bdpass.diff.diff(model, *args, **kwargs)``, and its submodules stay importable
-(``bdpass.diff.core``); see :mod:`bdpass.diff.core` for what is measured and how.
+``bdpass.diff.diff(model, *args, **kwargs)``, and its submodules stay importable:
+:mod:`.core` (the driver; its docstring says what is measured and how), :mod:`.model` (the
+data), :mod:`.align`, :mod:`.numerics`, :mod:`.formatting` and the renderers
+:mod:`.render_text`, :mod:`.render_html`, :mod:`.render_json`.
 """
-import inspect as _inspect
-import sys as _sys
-import types as _types
-
+from .._callable import make_callable as _make_callable
 from .core import Diff, GraphDiff, Region, Row, RuleRow, Stats, build_diff, diff, stats
 
 __all__ = ["diff", "build_diff", "Diff", "GraphDiff", "Region", "Row", "RuleRow", "Stats", "stats"]
 
-
-class _CallableModule(_types.ModuleType):
-    def __call__(self, model, *args, options=None, **kwargs):
-        return diff(model, *args, options=options, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
-__signature__ = _inspect.signature(diff)
+_make_callable(__name__, diff)

@@ -5,15 +5,15 @@ aligned node; rows of a rewritten region carry the class ``rewritten`` (and a co
 region), diverging rows the class ``diverged``."""
 from __future__ import annotations
 
-import html
 from typing import TYPE_CHECKING
 
-from ..report import NodeRecord
-from .render_text import (LEGEND, derived_summary, fmt_bytes, fmt_db, fmt_err, plan, short_name,
-                          summary_lines)
+from .formatting import escape as _e
+from .formatting import fmt_bytes, fmt_db, fmt_err, node_text
+from .model import NOTHING_FOUND
+from .render_text import LEGEND, derived_summary, plan, summary_lines
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .core import Diff, GraphDiff, Row
+    from .model import Diff, GraphDiff, Row
 
 _CSS = """
 :root { --fg:#1d2330; --muted:#667085; --line:#e4e7ec; --del:#fdecec; --add:#e8f6ec; --bad:#c62828; }
@@ -76,29 +76,8 @@ document.querySelectorAll('.chip').forEach(function (chip) {
 """
 
 
-def _e(s: object) -> str:
-    return html.escape(str(s), quote=True)
-
-
 def _hue(k: int) -> int:
     return (k * 137 + 200) % 360
-
-
-def _node(rec: NodeRecord | None) -> str:
-    if rec is None:
-        return ""
-    name = f'<span class="name" title="{_e(rec.name)}">{_e(short_name(rec.name))}</span>'
-    shape = f' <span class="shape">{_e(list(rec.shape))} {_e(rec.dtype or "")}</span>' \
-        if rec.shape is not None else ""
-    if rec.op == "placeholder":
-        return f'{name}: <span class="op">input</span>{shape}'
-    if rec.op == "output":
-        return f'<span class="op">return</span> {_e(short_name(rec.args))}'
-    if rec.op == "get_attr":
-        return f'{name} = <span class="op">{_e(short_name(rec.target))}</span>'
-    dot = "." if rec.op == "call_method" else ""
-    return (f'{name} = <span class="op">{dot}{_e(rec.target)}</span>'
-            f'({_e(short_name(rec.args))}){shape}')
 
 
 def _stat_cells(row: "Row") -> str:
@@ -132,7 +111,7 @@ def _graph(d: "Diff", g: "GraphDiff") -> str:
     if g.numerics_error:
         parts.append(f'<p class="nothing">numerics unavailable: {_e(g.numerics_error)}</p>')
     if not g.rewritten:
-        why = "; ".join(f"{s.kind} {s.site}: {s.reason}" for s in rep.skipped) or _nothing()
+        why = "; ".join(f"{s.kind} {s.site}: {s.reason}" for s in rep.skipped) or NOTHING_FOUND
         parts.append(f'<p class="nothing">no rewrites: {_e(why)}</p>')
     if g.regions:
         chips = "".join(
@@ -204,7 +183,8 @@ def _graph(d: "Diff", g: "GraphDiff") -> str:
             left_cls += " empty"
         if row.after is None:
             right_cls += " empty"
-        right = _node(row.after) if (row.status != "same" or rewired) else '<span class="eq">=</span>'
+        right = node_text(row.after, html=True) if (row.status != "same" or rewired) \
+            else '<span class="eq">=</span>'
         attrs = f' data-region="{row.region}"' if row.region is not None else ""
         if row.region is not None and row.region not in anchored and not far:
             anchored.add(row.region)
@@ -212,15 +192,11 @@ def _graph(d: "Diff", g: "GraphDiff") -> str:
         if row is first:
             attrs += f' id="{tid}-first-divergence"' if "id=" not in attrs else ""
         parts.append(f'<tr class="{" ".join(cls)}"{style}{attrs}><td class="mark">{mark}</td>'
-                     f'<td class="{left_cls}">{_node(row.before)}</td><td class="{right_cls}">{right}</td>'
+                     f'<td class="{left_cls}">{node_text(row.before, html=True)}</td>'
+                     f'<td class="{right_cls}">{right}</td>'
                      f'{_stat_cells(row)}</tr>')
     parts.append("</tbody></table></section>")
     return "\n".join(parts)
-
-
-def _nothing() -> str:
-    from .core import NOTHING_FOUND
-    return NOTHING_FOUND
 
 
 def _rules(d: "Diff") -> str:

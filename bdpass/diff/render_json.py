@@ -11,7 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .core import Diff, GraphDiff, Row
+    from .model import Diff, GraphDiff, Row
 
 FORMAT = "bdpass-diff"
 VERSION = 1

@@ -1,72 +1,14 @@
 """Terminal rendering of a Diff (fits ``width`` columns, 100 by default)."""
 from __future__ import annotations
 
-import math
-import re
 import textwrap
 from typing import TYPE_CHECKING
 
-from ..report import NodeRecord
+from .formatting import fmt_bytes, fmt_db, fmt_err, node_text, short_name
+from .model import NOTHING_FOUND
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .core import Diff, GraphDiff, Row
-
-_MANGLED = re.compile(r"\bl_self_[A-Za-z0-9_]+")
-
-
-def short_name(name: str) -> str:
-    """Dynamo's mangled parameter names as module paths:
-    ``l_self_modules_h_modules_0_modules_attn_parameters_weight_`` -> ``h.0.attn.weight``."""
-    def one(m: re.Match) -> str:
-        s = m.group(0)[len("l_self_"):]
-        s = re.sub(r"(^|_)(modules|parameters|buffers)_", ".", s)
-        return s.strip("._") or m.group(0)
-    return _MANGLED.sub(one, name)
-
-
-def node_text(rec: NodeRecord | None) -> str:
-    if rec is None:
-        return ""
-    name = short_name(rec.name)
-    shape = f" {list(rec.shape)}" if rec.shape is not None else ""
-    if rec.op == "placeholder":
-        return f"{name}: input{shape}"
-    if rec.op == "output":
-        return f"return {short_name(rec.args)}"
-    if rec.op == "get_attr":
-        return f"{name} = {short_name(rec.target)}"
-    method = "." if rec.op == "call_method" else ""
-    return f"{name} = {method}{rec.target}({short_name(rec.args)})"
-
-
-def fmt_err(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x != x:
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
-    return f"{x:.1e}"
-
-
-def fmt_db(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x != x:
-        return "nan"
-    if math.isinf(x):
-        return "exact" if x > 0 else "-inf"
-    return f"{x:.1f}"
-
-
-def fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024.0
-    return str(n)
+    from .model import Diff, GraphDiff, Row
 
 
 def _fit(s: str, w: int) -> str:
@@ -228,7 +170,7 @@ def graph_lines(d: "Diff", g: "GraphDiff", width: int = 100, context: int | None
     for s in rep.skipped:
         out += textwrap.wrap(f"skipped {s.kind} {s.site}: {s.reason}", width, subsequent_indent="      ")
     if not g.rewritten and not rep.skipped and not rep.fallback:
-        out.append(f"no rewrites: {_nothing_found()}")
+        out.append(f"no rewrites: {NOTHING_FOUND}")
 
     num_w = 8 + 1 + 9 + 1 + 7          # orig rel, new rel, sqnr
     mark_w = 5
@@ -273,11 +215,6 @@ def graph_lines(d: "Diff", g: "GraphDiff", width: int = 100, context: int | None
         out.append(f"{_row_marker(row):<{mark_w}}{_fit(left, side)} {_fit(right, side)} "
                    f"{fmt_err(row.orig.rel_l2 if row.orig else None):>8} {new:>9} {sq:>7}".rstrip())
     return out
-
-
-def _nothing_found() -> str:
-    from .core import NOTHING_FOUND
-    return NOTHING_FOUND
 
 
 LEGEND = ("marks: ~ replaced (original node and its replacement)  - removed  + added  "
