@@ -3,7 +3,10 @@
 identities, then lowers through Inductor.
 
 The backend is registered through the ``torch_dynamo_backends`` entry point; importing
-this package does not register it again.
+this package does not register it again. Importing it registers ``"bdpass"`` as a
+transformers quantization method where transformers is installed (when transformers
+imports its quantizers), so that prepared checkpoints load with
+``AutoModel*.from_pretrained`` (``bdpass.prepare.hf_quantizer``).
 """
 from .api import collect_reports, explain
 from .backend import bd_backend
@@ -18,6 +21,13 @@ from .shard import ShardError, load_sharded
 from .runtime import VerificationError
 
 __version__ = "0.1.0"
+
+# Prepared checkpoints load with transformers' own from_pretrained ("quant_method": "bdpass"),
+# where transformers is installed (bdpass does not need it): registered now if transformers'
+# quantizers are imported, else as soon as they are (importing bdpass does not import them).
+from .prepare import hf_quantizer as _hf_quantizer
+
+_hf_quantizer.install()
 
 __all__ = ["bd_backend", "explain", "collect_reports", "BDOptions", "Report", "GraphReport",
            "RewriteRecord", "SkipRecord", "VerificationError", "prepare", "PrepareReport", "save_prepared",

@@ -8,13 +8,15 @@ folded into the partner weights in place, each rewritten source projection modul
 :class:`Absorbed` identity). The result is the user's own model, an ordinary ``nn.Module``,
 smaller in memory, working at any input shape, eager or under ``torch.compile`` /
 ``torch.export``. Save and load it with :func:`save_prepared` / :func:`load_prepared`
-(safetensors), or ``save_pretrained`` / :func:`from_pretrained` (transformers); the
+(safetensors), or ``save_pretrained`` / transformers' own ``from_pretrained`` (bdpass is a
+transformers quantization method; :func:`from_pretrained` also reads older folders); the
 :func:`plan_of` / :func:`apply_plan` pair serves any other checkpoint format that stores a
 ``state_dict``. See ``docs/prepare.md``.
 
 Modules: :mod:`.capture` (the compiled run, graph instances, layer splitting), :mod:`.edits`
 (decisions to module edits and their checks), :mod:`.modules` (the replacing modules),
-:mod:`.apply` (``prepare`` and its report), :mod:`.checkpoint` (plans and files).
+:mod:`.apply` (``prepare`` and its report), :mod:`.checkpoint` (plans and files),
+:mod:`.hf_quantizer` (the transformers quantization method).
 """
 import inspect as _inspect
 import sys as _sys

@@ -11,8 +11,9 @@ Steps (see the package documentation for what the result is):
    decisions become module edits (:func:`~bdpass.prepare.edits.edits_for`) that are applied
    at once, and the decisions, their float64 factors and the rewritten graph are dropped.
    So preparing holds the model plus one instance's float64 work, never all layers' factors.
-3. The plan of the prepared modules goes to ``model.config.bdpass`` for transformers models
-   (``save_pretrained`` writes it), and the report to ``model.bdpass_report``.
+3. The plan of the prepared modules goes to ``model.config.quantization_config`` (and a copy
+   to ``model.config.bdpass``) for transformers models (``save_pretrained`` writes it), and
+   the report to ``model.bdpass_report``.
 """
 from __future__ import annotations
 

@@ -30,10 +30,14 @@ Where it is stored:
 * safetensors (:func:`save_prepared` / :func:`load_prepared`): the model's ``state_dict``
   (tied tensors once, as ``safetensors.torch.save_model`` writes them) with the plan in the
   file's metadata under ``"bdpass.plan"``.
-* transformers (``model.save_pretrained`` / :func:`from_pretrained`): ``prepare`` puts the
-  plan in ``model.config.bdpass``, so ``save_pretrained`` writes it into ``config.json``
-  next to the weights; :func:`from_pretrained` loads the model with transformers, applies
-  the plan and reads the prepared modules' tensors from the checkpoint.
+* transformers (``model.save_pretrained`` / ``from_pretrained``): ``prepare`` puts the plan
+  in ``model.config.quantization_config`` (``{"quant_method": "bdpass", "plan": ...}``, a
+  transformers quantization method that ``import bdpass`` registers, see
+  :mod:`.hf_quantizer`) and, for earlier bdpass versions, in ``model.config.bdpass``;
+  ``save_pretrained`` writes both into ``config.json`` next to the weights (one file or
+  shards). transformers' own ``from_pretrained`` then builds the prepared modules before the
+  weights load and reads their tensors like any other; :func:`from_pretrained` is that call,
+  and also loads folders whose plan is only in ``config.bdpass``.
 
 No pickle anywhere: JSON and safetensors only.
 """
@@ -49,7 +53,7 @@ import torch.nn as nn
 from .modules import PREPARED_TYPES, from_spec
 
 __all__ = ["PLAN_FORMAT", "METADATA_KEY", "plan_of", "apply_plan", "read_plan", "save_prepared", "load_prepared",
-           "from_pretrained", "set_config_plan"]
+           "from_pretrained", "set_config_plan", "rebase_plan"]
 
 PLAN_FORMAT = "bdpass.plan/1"
 METADATA_KEY = "bdpass.plan"
@@ -76,14 +80,33 @@ def plan_of(model: nn.Module) -> dict:
 
 
 def set_config_plan(model: nn.Module, plan: dict) -> None:
-    """Record the plan in a transformers model's config (``config.bdpass``)."""
+    """Record the plan in a transformers model's config: ``config.quantization_config`` (a
+    :class:`~bdpass.prepare.hf_quantizer.BDPassConfig`, what transformers' own
+    ``from_pretrained`` reads once bdpass is imported) and ``config.bdpass`` (the same plan,
+    what earlier bdpass versions read). A config quantized by another method keeps its
+    ``quantization_config``."""
     cfg = getattr(model, "config", None)
     try:
         from transformers import PretrainedConfig
     except Exception:
         return
-    if isinstance(cfg, PretrainedConfig):
-        cfg.bdpass = plan
+    if not isinstance(cfg, PretrainedConfig):
+        return
+    cfg.bdpass = plan
+    from . import hf_quantizer
+
+    if not hf_quantizer.available():
+        return
+    have = getattr(cfg, "quantization_config", None)
+    method = have.get("quant_method") if isinstance(have, dict) else getattr(have, "quant_method", None)
+    if have is not None and method != hf_quantizer.QUANT_METHOD:
+        import logging
+
+        logging.getLogger("bdpass").warning(
+            "bdpass: the model's config is quantized with %r; the plan is only in config.bdpass, so only "
+            "bdpass.from_pretrained loads a save_pretrained folder of it", method)
+        return
+    cfg.quantization_config = hf_quantizer.BDPassConfig(plan)
 
 
 def _check_plan(plan: Any, where: str) -> dict:
@@ -145,6 +168,43 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
     return model
 
 
+def rebase_plan(model: nn.Module, plan: Any) -> dict:
+    """The plan with its module paths as ``model`` names them. A transformers base model
+    (``AutoModel``) loaded from the checkpoint of a model with a head names its modules
+    without the ``base_model_prefix`` (``layers.0...`` for ``model.layers.0...``), and the
+    other way round; any other plan comes back as it is (``apply_plan`` then says what does
+    not match)."""
+    plan = _check_plan(plan, "the plan given")
+    paths = list(plan["modules"])
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def has(path: str) -> bool:
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            return False
+        return True
+
+    if not prefix or not paths or all(has(p) for p in paths):
+        return plan
+    dot = f"{prefix}."
+    if all(p.startswith(dot) and has(p[len(dot):]) for p in paths):
+        def move(name: str) -> str:
+            return name[len(dot):] if name.startswith(dot) else name
+    elif all(has(dot + p) for p in paths):
+        def move(name: str) -> str:
+            return dot + name
+    else:
+        return plan
+    modules = {}
+    for path, spec in plan["modules"].items():
+        spec = dict(spec)
+        if "into" in spec:
+            spec["into"] = move(spec["into"])
+        modules[move(path)] = spec
+    return {**plan, "modules": modules, "folded": [move(n) for n in plan.get("folded", [])]}
+
+
 # ============================================================================ safetensors
 def save_prepared(model: nn.Module, path: Any, metadata: dict | None = None) -> None:
     """Write ``model.state_dict()`` to the safetensors file ``path`` (tied tensors once) with
@@ -156,13 +216,23 @@ def save_prepared(model: nn.Module, path: Any, metadata: dict | None = None) -> 
     save_model(model, str(path), metadata=meta)
 
 
+def _config_plan(config: dict, where: str) -> dict:
+    """The plan in a transformers ``config.json``: ``quantization_config`` (``"quant_method":
+    "bdpass"``), else ``bdpass`` (folders saved before bdpass was a transformers
+    quantization method)."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "bdpass":
+        return _check_plan(qc.get("plan"), f"{where} (quantization_config)")
+    return _check_plan(config.get("bdpass"), where)
+
+
 def read_plan(path: Any) -> dict:
     """The plan stored in a safetensors file written by :func:`save_prepared`, or in a
     transformers checkpoint directory's ``config.json``."""
     path = str(path)
     if os.path.isdir(path):
         with open(os.path.join(path, "config.json")) as f:
-            return _check_plan(json.load(f).get("bdpass"), f"{path}/config.json")
+            return _config_plan(json.load(f), f"{path}/config.json")
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
@@ -187,64 +257,25 @@ def load_prepared(model: nn.Module, path: Any, *, strict: bool = True) -> nn.Mod
 
 
 # ============================================================================ transformers
-def _checkpoint_files(path: str) -> dict[str, str]:
-    """tensor name -> safetensors file of a transformers checkpoint directory."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            wm = json.load(f)["weight_map"]
-        return {k: os.path.join(path, v) for k, v in wm.items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"bdpass.from_pretrained: no model.safetensors(.index.json) in {path}")
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
-
-
 def from_pretrained(model_class: Any, path: Any, /, **kwargs: Any) -> nn.Module:
-    """Load a prepared transformers model saved with ``save_pretrained``:
+    """Load a prepared transformers model saved with ``save_pretrained``: the same as
     ``model_class.from_pretrained(path, **kwargs)`` (``model_class``: the model's class or an
-    ``AutoModel*`` class; ``kwargs`` as for transformers, e.g. ``dtype``), then the plan in
-    ``config.bdpass`` is applied and the prepared modules' tensors are read from the
-    checkpoint. Nothing is factorized. The weights the prepared modules replaced are absent
-    from the checkpoint: transformers initializes them before they are discarded (its
-    warnings about missing and unexpected keys are silenced here)."""
-    from safetensors import safe_open
-    from transformers.utils import logging as hf_logging
+    ``AutoModel*`` class; ``kwargs`` as for transformers, e.g. ``dtype``), which builds the
+    plan's prepared modules before the weights load (:mod:`.hf_quantizer`). A folder saved
+    before the plan went to ``config.quantization_config`` keeps it only in
+    ``config.bdpass``: it is passed as ``quantization_config=BDPassConfig(plan)`` and loads
+    the same way. Nothing is factorized."""
+    from . import hf_quantizer
 
-    path = str(path)
-    plan = read_plan(path)
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model = model_class.from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-    if isinstance(model, tuple):        # output_loading_info=True
-        model = model[0]
-    apply_plan(model, plan)
-    files = _checkpoint_files(path)
-    wanted: dict[str, torch.Tensor] = {}
-    for mpath in plan["modules"]:
-        for k, t in model.get_submodule(mpath).state_dict(keep_vars=True).items():
-            wanted[f"{mpath}.{k}"] = t
-    missing = sorted(k for k in wanted if k not in files)
-    if missing:
-        raise ValueError(f"bdpass.from_pretrained: {path} lacks the prepared tensors {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}")
-    by_file: dict[str, list[str]] = {}
-    for k in wanted:
-        by_file.setdefault(files[k], []).append(k)
-    with torch.no_grad():
-        for fname, keys in by_file.items():
-            with safe_open(fname, framework="pt") as f:
-                for k in keys:
-                    src = f.get_tensor(k)
-                    dst = wanted[k]
-                    if tuple(src.shape) != tuple(dst.shape):
-                        raise ValueError(f"bdpass.from_pretrained: {k} has shape {tuple(src.shape)} in the "
-                                         f"checkpoint, the plan allocates {tuple(dst.shape)}")
-                    dst.copy_(src)
-    return model
+    if not hf_quantizer.register():
+        raise ImportError("bdpass.from_pretrained needs a transformers with out-of-tree quantization methods "
+                          "(transformers.quantizers.register_quantizer)")
+    local = os.path.join(str(path), "config.json")
+    if os.path.isfile(local):
+        with open(local) as f:
+            config = json.load(f)
+        plan = _config_plan(config, local)
+        qc = config.get("quantization_config")
+        if not (isinstance(qc, dict) and qc.get("quant_method") == hf_quantizer.QUANT_METHOD):
+            kwargs.setdefault("quantization_config", hf_quantizer.BDPassConfig(plan))
+    return model_class.from_pretrained(path, **kwargs)
