@@ -5,7 +5,8 @@
 Builds a small DeepSeek-V2 (MLA attention, mixture-of-experts blocks) from a config with
 random weights, prepares it with ``bdpass.prepare`` (the model's own modules are edited:
 ``kv_b_proj`` becomes a ``BDLinear``, the query and output projections get ``B`` folded in),
-saves it with ``save_pretrained``, loads it back with ``bdpass.from_pretrained`` and checks
+saves it with ``save_pretrained``, loads it back with transformers' own ``from_pretrained``
+(``import bdpass`` registers bdpass as a transformers quantization method) and checks
 that the greedy tokens equal the original model's, eagerly and under ``torch.compile``.
 See docs/prepare.md.
 """
@@ -46,8 +47,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = a.out or tmp
-        model.save_pretrained(out)              # factors + the plan in config.json["bdpass"]
-        loaded = bdpass.from_pretrained(transformers.AutoModelForCausalLM, out, experts_implementation="eager")
+        model.save_pretrained(out)              # factors + the plan in config.json["quantization_config"]
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
 
     gen = dict(max_new_tokens=8, do_sample=False)
     with torch.no_grad():
