@@ -537,13 +537,13 @@ class GraphBuilder:
         return n
 
     def analyze(self, *outputs):
-        from bdpass.graph import layout
+        from bdpass.graph.layout.driver import _Analysis
         from bdpass.graph.linears import find_linears
 
         self.g.output(tuple(outputs))
         gm = torch.fx.GraphModule(torch.nn.Module(), self.g)
         sites = find_linears(gm, self.params)
-        a = layout._Analysis(gm, sites, self.inputs)
+        a = _Analysis(gm, sites, self.inputs)
         return a, a.run(), sites
 
 
@@ -643,7 +643,7 @@ def test_layout_coalesced_inplace_and_legacy_collectives():
     assert "all_reduce_ (sum)" in res.reason_of(int(a.L[after].idx.reshape(-1)[0]))
     legacy = getattr(torch.ops, "c10d_functional", None)
     if legacy is not None and hasattr(legacy, "all_reduce"):
-        from bdpass.graph.ops import collective
+        from bdpass.graph.layout.collectives import collective
 
         b2 = GraphBuilder()
         x2, k3 = _projection(b2)
@@ -666,7 +666,7 @@ def test_collective_classification():
     import torch.distributed._functional_collectives as funcol
     from torch.distributed.tensor import DTensor
 
-    from bdpass.graph.ops import collective
+    from bdpass.graph.layout.collectives import collective
 
     b = GraphBuilder()
     x, k = _projection(b)
@@ -716,7 +716,7 @@ def test_dtensor_boundary_is_touched_with_advice():
 def test_collective_stand_ins():
     """Local values of a collective's shape: what a check that reruns a graph on one rank can
     use instead of communicating."""
-    from bdpass.graph.ops import collective_stand_in
+    from bdpass.graph.layout.collectives import collective_stand_in
 
     b = GraphBuilder()
     x, k = _projection(b)

@@ -13,11 +13,12 @@ their last use).
 Every run of a graph that is not the model's own run (the float64 reference, the model-dtype
 runs of validation) goes through :class:`LocalInterpreter`, which never communicates: a
 collective of ``torch.distributed`` is replaced by its local stand-in
-(:func:`bdpass.graph.ops.collective_stand_in`). Ranks of a tensor-parallel model decide
-independently (one may rewrite a graph that another leaves alone, or validate a unit alone);
-their checks must not pair with another rank's real collectives. A graph that computes on
-DTensors (where any op may communicate) or holds a collective without a local stand-in is
-not run: :class:`CommunicatingGraph` is raised, and validation refuses the rewrites.
+(:func:`bdpass.graph.layout.collectives.collective_stand_in`). Ranks of a tensor-parallel
+model decide independently (one may rewrite a graph that another leaves alone, or validate a
+unit alone); their checks must not pair with another rank's real collectives. A graph that
+computes on DTensors (where any op may communicate) or holds a collective without a local
+stand-in is not run: :class:`CommunicatingGraph` is raised, and validation refuses the
+rewrites.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ class LocalInterpreter(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op in ("call_function", "call_method"):
-            from .ops import collective, collective_stand_in
+            from .layout.collectives import collective, collective_stand_in
 
             c = collective(n)
             args, kwargs = self.fetch_args_kwargs_from_env(n)

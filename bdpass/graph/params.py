@@ -9,7 +9,6 @@ import torch
 import torch.fx
 
 from .. import _compat
-from .ops import DTENSOR_ADVICE
 
 
 @dataclass
@@ -53,6 +52,8 @@ def weight_problem(params: list[ParamInfo]) -> str | None:
         if not t.is_floating_point() or t.element_size() < 2:
             return f"{p.name} has dtype {str(t.dtype).replace('torch.', '')} (needs float16/bfloat16/float32/float64)"
         if _compat.is_dtensor(t):
+            from .layout.collectives import DTENSOR_ADVICE     # not at the top: the layout package imports this one
+
             return f"{p.name} is a DTensor (sharded by torch.distributed.tensor): bd rewrites plain local " \
                    f"weights only; {DTENSOR_ADVICE}"
         if _is_subclass(t):

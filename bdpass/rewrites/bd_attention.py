@@ -168,7 +168,7 @@ def _rest(rows: torch.Tensor, d_in: int) -> torch.Tensor:
 
 
 @dataclass
-class Layout:
+class BlockLayout:
     """How a source's output is laid out as ``bd_linear`` blocks: ``tables`` lists each
     pivot table as (set index, local table) or None for the dense table; ``blocks`` each
     (table, first column, width, [(set, head) ...] or None for a dense block)."""
@@ -176,7 +176,7 @@ class Layout:
     blocks: list
 
 
-def source_layout(d_out: int, src: Source) -> Layout:
+def source_layout(d_out: int, src: Source) -> BlockLayout:
     tables: list = []
     index: dict = {}
     cols = []                               # (col, table, set, head)
@@ -213,7 +213,7 @@ def source_layout(d_out: int, src: Source) -> Layout:
             last[3].append((si, h))
         else:
             blocks.append([t, col, width, None if si is None else [(si, h)]])
-    return Layout(tables, [tuple(b) for b in blocks])
+    return BlockLayout(tables, [tuple(b) for b in blocks])
 
 
 def source_tensors(site: LinearSite, src: Source, fac: list[SetFactors], W: torch.Tensor,
