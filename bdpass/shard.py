@@ -161,6 +161,8 @@ def _shard(plan: dict, names: list[str], read: Callable[[str], Any], tp_plan: Ma
            rank: int, world: int) -> tuple[dict, dict]:
     if not 0 <= rank < world:
         raise ShardError(f"bdpass.shard: rank {rank} outside a world of {world}")
+    from .prepare.modules import MARKER
+
     prepared = plan["modules"]
     unknown = set(tp_plan) - {p for n in names for p in [".".join(n.split(".")[:k])
                                                          for k in range(1, len(n.split(".")))]} - set(prepared)
@@ -193,12 +195,14 @@ def _shard(plan: dict, names: list[str], read: Callable[[str], Any], tp_plan: Ma
                 raise ShardError(f"bdpass.shard: {p} (PivotLinear) can only be split by rank slices ('row', output "
                                  "a partial sum): every output column needs every pivot")
             local, tensors = _pivot_row(p, spec, get, rank, world)
-        else:                               # Absorbed: no tensors
+        else:                               # Absorbed: no tensors but the marker
             into = spec["into"]
             if _how(tp_plan, into) != "row" or how != "col":
                 raise ShardError(f"bdpass.shard: {p} (first linear of the chain at {into}) splits with its chain: "
                                  f"'col' here and 'row' at {into}")
             local = {**spec, "out_features": spec["out_features"] // world}
+        if MARKER in by_module.get(p, ()) and MARKER not in tensors:     # the empty marker, as it is
+            tensors[MARKER] = get(MARKER)[...]
         specs[p] = local
         state.update({f"{p}.{t}" if p else t: v for t, v in tensors.items()})
     for p, ts in by_module.items():

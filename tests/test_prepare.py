@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import sys
 import weakref
 
@@ -453,6 +454,54 @@ def test_state_dict_round_trip_through_safetensors(tmp_path, monkeypatch):
     assert not calls
 
 
+def test_markers_under_the_replaced_weights_names(tmp_path):
+    """Each prepared module holds a zero-element ``weight`` buffer where the replaced weight
+    was: the original architecture refuses a prepared state (size mismatch) instead of
+    keeping its own weights, the marker counts no bytes, and a state without markers (saved
+    before they existed) loads."""
+    from safetensors.torch import load_file, save_file
+
+    x = torch.randn(2, 12, 64)
+    model = bdpass.prepare(_block(), x, options=ALL)
+    prepared = {p: m for p, m in model.named_modules() if isinstance(m, (bdpass.BDLinear, bdpass.PivotLinear,
+                                                                           bdpass.Absorbed))}
+    assert {type(m).__name__ for m in prepared.values()} == {"BDLinear", "PivotLinear", "Absorbed"}
+    state = model.state_dict()
+    for p, m in prepared.items():
+        assert state[f"{p}.weight"].shape == (0,) and state[f"{p}.weight"].dtype == torch.float32
+        assert "weight" in dict(m.named_buffers()) and "weight" not in dict(m.named_parameters())
+    assert sum(t.numel() for k, t in state.items() if k.endswith(".weight") and k.rpartition(".")[0] in prepared) == 0
+    unmarked = copy.deepcopy(model)
+    for m in unmarked.modules():
+        if isinstance(m, (bdpass.BDLinear, bdpass.PivotLinear, bdpass.Absorbed)):
+            del m._buffers["weight"]
+    assert model.bdpass_report.bytes_after == bdpass.prepare.state_bytes(model) \
+        == bdpass.prepare.state_bytes(unmarked)
+    assert copy.deepcopy(model).half().attn.k_proj.weight.dtype == torch.float16     # casts like the module
+    # the original architecture refuses the prepared state, on the replaced weights' sizes
+    with pytest.raises(RuntimeError, match=r"size mismatch for attn\.k_proj\.weight.*torch\.Size\(\[0\]\)"):
+        _block().load_state_dict(state)
+    # a state without markers loads (load_state_dict, load_prepared; strict)
+    path = tmp_path / "block.safetensors"
+    bdpass.save_prepared(model, path)
+    old = {k: v for k, v in load_file(str(path)).items() if k.rpartition(".")[0] not in prepared
+           or not k.endswith(".weight")}
+    assert len(old) == len(state) - len(prepared)
+    other = bdpass.apply_plan(_block(seed=7), bdpass.plan_of(model))
+    assert not other.load_state_dict(old).missing_keys
+    assert torch.equal(run(other, (x,)), run(model, (x,)))
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=load_file_metadata(path))
+    loaded = bdpass.load_prepared(_block(seed=9), tmp_path / "old.safetensors")
+    assert torch.equal(run(loaded, (x,)), run(model, (x,)))
+
+
+def load_file_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
 def test_plan_refuses_other_architectures(tmp_path):
     model = bdpass.prepare(_block(), torch.randn(2, 12, 64), options=ALL)
     path = tmp_path / "block.safetensors"
@@ -504,7 +553,11 @@ def test_deepseek_v2_save_pretrained_from_pretrained(deepseek, tmp_path, monkeyp
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["bdpass"]["modules"]["model.layers.0.self_attn.kv_b_proj"]["type"] == "BDLinear"
-    assert not any(k.endswith("kv_b_proj.weight") for k in _checkpoint_keys(tmp_path)), "replaced weights saved"
+    shapes = _checkpoint_shapes(tmp_path)
+    replaced = {k: v for k, v in shapes.items() if k.endswith("kv_b_proj.weight")}
+    # no replaced weight with elements: only each BDLinear's zero-element marker under its name
+    assert all(math.prod(v) == 0 for v in replaced.values()), f"replaced weights saved: {replaced}"
+    assert len(replaced) == len(model.model.layers), sorted(shapes)
     calls = forbid_factorization(monkeypatch)
     loaded = bdpass.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
     assert isinstance(loaded.model.layers[1].self_attn.kv_b_proj, bdpass.BDLinear)
@@ -515,14 +568,14 @@ def test_deepseek_v2_save_pretrained_from_pretrained(deepseek, tmp_path, monkeyp
     assert not calls
 
 
-def _checkpoint_keys(path):
+def _checkpoint_shapes(path):
     from safetensors import safe_open
 
-    keys = set()
+    shapes = {}
     for f in path.glob("*.safetensors"):
         with safe_open(str(f), framework="pt") as h:
-            keys |= set(h.keys())
-    return keys
+            shapes.update({k: list(h.get_slice(k).get_shape()) for k in h.keys()})
+    return shapes
 
 
 def _generate(model, ids, compiled=False, **kw):

@@ -18,10 +18,7 @@ Modules: :mod:`.capture` (the compiled run, graph instances, layer splitting), :
 :mod:`.apply` (``prepare`` and its report), :mod:`.checkpoint` (plans and files),
 :mod:`.hf_quantizer` (the transformers quantization method).
 """
-import inspect as _inspect
-import sys as _sys
-import types as _types
-
+from .._callable import make_callable as _make_callable
 from .apply import PrepareReport, prepare, state_bytes
 from .checkpoint import (METADATA_KEY, PLAN_FORMAT, apply_plan, from_pretrained, load_prepared, plan_of, read_plan,
                          save_prepared)
@@ -33,13 +30,4 @@ __all__ = ["prepare", "PrepareReport", "NotPreparable", "save_prepared", "load_p
            "PLAN_FORMAT", "METADATA_KEY"]
 
 
-class _CallableModule(_types.ModuleType):
-    """``bdpass.prepare(model, ...)`` calls :func:`prepare`; ``bdpass.prepare.<name>`` are
-    this package's names and submodules."""
-
-    def __call__(self, model, *example_args, options=None, inplace=True, **example_kwargs):
-        return prepare(model, *example_args, options=options, inplace=inplace, **example_kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
-__signature__ = _inspect.signature(prepare)
+_make_callable(__name__, prepare)

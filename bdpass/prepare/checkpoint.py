@@ -1,7 +1,12 @@
 """Saving and loading prepared models with the usual tools, never factorizing on load.
 
 A prepared model's tensors are in its ``state_dict`` like any module's (factors under the
-replacing modules' names, folded partner weights under their own names). What a fresh
+replacing modules' names, folded partner weights under their own names). The replaced
+weights are not: under each one's name (``<module>.weight``) is the replacing module's
+*marker*, a buffer with no elements (shape ``(0,)``, :data:`.modules.MARKER`), so that a
+loader building the original architecture (transformers without ``import bdpass``, a plain
+``load_state_dict``) fails on a size mismatch instead of leaving random weights. A state
+without markers (saved before they existed) loads all the same. What a fresh
 model of the same architecture lacks to accept that ``state_dict`` is the *plan*: which
 modules were replaced by what, with which shapes. :func:`plan_of` reads it off a prepared
 model (every prepared module describes itself); :func:`apply_plan` gives a fresh model the

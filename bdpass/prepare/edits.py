@@ -425,7 +425,9 @@ def _pifa_edits(decisions: list[PifaDecision], args: Sequence[Any], idx: ModelIn
         mod = _pifa_module(d, restore, b2, w.requires_grad, unabsorb.get(k))
         ed = Edit("pifa", site, graph, [d.record])
         ed.replace[b2.path] = mod
-        ed.replace[b1.path] = Absorbed(d.chain.first.d_in, d.chain.first.d_out, b2.path, b1.kind)
+        w1 = b1.module.weight
+        ed.replace[b1.path] = Absorbed(d.chain.first.d_in, d.chain.first.d_out, b2.path, b1.kind, device=w1.device,
+                                       dtype=w1.dtype)
         ed.dropped = [t for b in (b1, b2) for t in (b.module.weight, b.module.bias) if t is not None]
         edits.append(ed)
     return edits, bad

@@ -15,6 +15,12 @@ straight into them, like any other parameter: nothing is factorized, nothing is 
 twice, no missing or unexpected keys. A prepared tensor that the checkpoint lacks is an
 error, never an uninitialized value.
 
+Where a replaced weight was, the checkpoint holds the prepared module's zero-element marker
+(``<module>.weight``, :data:`.modules.MARKER`): matched by the prepared modules here, it is a
+size mismatch for a transformers that does not know bdpass, which then refuses to load
+(``RuntimeError``: "You set `ignore_mismatched_sizes` to `False`, thus raising an error")
+instead of returning the original architecture with random weights.
+
 ``import bdpass`` calls :func:`install`: it registers bdpass at once where transformers'
 quantizers are already imported, and otherwise right after transformers imports them (its
 ``from_pretrained`` does), so that importing bdpass does not import transformers (about a
@@ -30,6 +36,7 @@ import copy
 import importlib.abc
 import importlib.util
 import logging
+import re
 import sys
 from typing import Any
 
@@ -82,9 +89,15 @@ def _define(HfQuantizer: Any, QuantizationConfigMixin: Any) -> tuple[Any, Any]:
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             from .checkpoint import apply_plan, rebase_plan
+            from .modules import MARKER
 
             plan = rebase_plan(model, self.quantization_config.plan)
             apply_plan(model, plan)
+            # the empty marker buffers (modules.MARKER) carry no value: a checkpoint saved
+            # before they existed lacks them, and is complete all the same
+            ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+            ignore.update(rf"(^|\.){re.escape(p)}\.{MARKER}$" for p in plan["modules"])
+            model._keys_to_ignore_on_load_missing = ignore
             # the plan as this model names its modules (a base model loaded from the
             # checkpoint of a model with a head drops the prefix): what it will save
             self.quantization_config.plan = plan
@@ -228,13 +241,16 @@ class _RegisteringLoader(importlib.abc.Loader):
 def _check_loaded(model: Any, prepared: list[str]) -> None:
     """Every tensor of the prepared modules came from the checkpoint. transformers marks
     each tensor it loads (``_is_hf_initialized``); a prepared tensor it did not load would
-    be left uninitialized (nothing knows how to initialize factors), so it is an error.
-    Where this transformers marks no tensor at all, there is nothing to check against."""
+    be left uninitialized (nothing knows how to initialize factors), so it is an error (the
+    empty marker buffers hold nothing to initialize: they may be absent). Where this
+    transformers marks no tensor at all, there is nothing to check against."""
     if not any(getattr(t, "_is_hf_initialized", False) for t in model.state_dict(keep_vars=True).values()):
         return
     lacking = []
     for path in prepared:
         for name, t in model.get_submodule(path).state_dict(keep_vars=True).items():
+            if t.numel() == 0:      # the marker (modules.MARKER): no value to initialize
+                continue
             if t.device.type != "meta" and not getattr(t, "_is_hf_initialized", False):   # meta: offloaded
                 lacking.append(f"{path}.{name}")
     if lacking:

@@ -1,9 +1,9 @@
 """The modules a prepared model holds in place of the projections the rewrites replaced.
 
-Each is an ordinary ``nn.Module`` whose tensors are its factors only (parameters for
-values, int64 buffers for pivot tables), that calls one of the project's custom ops
-(:mod:`inductor_lowerings`), works at any input shape (the op acts on the last dimension),
-and describes itself by a small JSON-able :meth:`spec` from which :func:`from_spec` builds an
+Each is an ordinary ``nn.Module`` whose tensors are its factors (parameters for values,
+int64 buffers for pivot tables) and an empty marker (below), that calls one of the
+project's custom ops (:mod:`inductor_lowerings`), works at any input shape (the op acts on
+the last dimension), and describes itself by a small JSON-able :meth:`spec` from which :func:`from_spec` builds an
 empty one of the same shapes (what loading a checkpoint needs: no factorization).
 
 * :class:`BDLinear`: a projection after basis decomposition (BD) of some of its heads:
@@ -14,6 +14,14 @@ empty one of the same shapes (what loading a checkpoint needs: no factorization)
   output in ``[pivots, rest]`` order.
 * :class:`Absorbed`: the identity left where the chain's first linear was (its product is
   part of the :class:`PivotLinear` that took the second linear's place).
+
+Each also holds a *marker*: a persistent buffer named ``weight`` (:data:`MARKER`) with no
+elements (shape ``(0,)``, the module's dtype), under the name of the weight it replaced. A
+checkpoint of a prepared model therefore holds ``<module>.weight`` with 0 elements where the
+original held an ``(out, in)`` weight: a loader that builds the original architecture
+(transformers without ``import bdpass``) meets a size mismatch on that key and refuses,
+instead of leaving the replaced weights randomly initialized. It is never read, counts no
+bytes, and a state without it (checkpoints saved before it existed) still loads.
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ import torch.nn.functional as F
 
 from .._compat import is_exporting
 
-__all__ = ["BDLinear", "PivotLinear", "Absorbed", "from_spec", "PREPARED_TYPES"]
+__all__ = ["BDLinear", "PivotLinear", "Absorbed", "from_spec", "PREPARED_TYPES", "MARKER"]
+
+MARKER = "weight"   # the zero-element buffer each prepared module holds (see the module docstring)
 
 
 def _ops() -> None:
@@ -47,14 +57,31 @@ def _param(shape: Sequence[int], device: Any, dtype: torch.dtype, requires_grad:
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=requires_grad)
 
 
-class BDLinear(nn.Module):
+class _Marked(nn.Module):
+    """Holds the zero-element :data:`MARKER` buffer; a ``state_dict`` without it loads (it
+    carries no value)."""
+
+    def _add_marker(self, device: Any, dtype: torch.dtype | None) -> None:
+        self.register_buffer(MARKER, torch.empty(0, device=device, dtype=dtype or torch.get_default_dtype()))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + MARKER
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
+
+class BDLinear(_Marked):
     """``y = bd_linear(x, sel, rest, weight, bias, block_table, block_col, out_features)``.
 
     ``tables[t]`` is the number of identity rows of pivot table ``t`` (0 for the dense
     table); ``blocks[i] = (table, first column, width, has_bias)``. Tensors: buffers
     ``sel_t`` (``tables[t]``,) and ``rest_t`` (``in_features - tables[t]``,) int64,
     parameters ``weight_i`` (``in_features - tables[table_i]``, ``width_i``) and ``bias_i``
-    (``width_i``,). See :mod:`inductor_lowerings.bd_linear` for what the op computes."""
+    (``width_i``,); the empty marker buffer ``weight`` (:data:`MARKER`). See
+    :mod:`inductor_lowerings.bd_linear` for what the op computes."""
 
     def __init__(self, in_features: int, out_features: int, tables: Sequence[int],
                  blocks: Sequence[Sequence], *, device: Any = None, dtype: torch.dtype | None = None,
@@ -75,6 +102,7 @@ class BDLinear(nn.Module):
             self.register_parameter(f"weight_{i}", _param((self.in_features - self.tables[t], n), device, dtype,
                                                           requires_grad))
             self.register_parameter(f"bias_{i}", _param((n,), device, dtype, requires_grad) if hb else None)
+        self._add_marker(device, dtype)
 
     def _lists(self):
         T, n = len(self.tables), len(self.blocks)
@@ -103,7 +131,7 @@ class BDLinear(nn.Module):
                 f"blocks={len(self.blocks)} ({bd} BD)")
 
 
-class PivotLinear(nn.Module):
+class PivotLinear(_Marked):
     """A low-rank chain ``y = (x A + a) B + b`` after PIFA (``r = rank`` pivot columns):
     ``y[..., pivots] = x @ w_pivot + b_pivot``, ``y[..., rest] = y[..., pivots] @ coeff + b_rest``.
 
@@ -111,7 +139,8 @@ class PivotLinear(nn.Module):
     ``b_rest`` (out - r,) when the chain has a bias; with ``restore_order`` the int64
     buffers ``pivots`` and ``rest`` (``torch.ops.bdpass.pivot_linear`` writes every column
     to its place). Without it the output stays ``cat([y_P, y_R])``: only valid where the
-    next chain's first weight absorbed that order (a linked pair, see ``prepare``)."""
+    next chain's first weight absorbed that order (a linked pair, see ``prepare``). The
+    empty marker buffer ``weight`` (:data:`MARKER`)."""
 
     def __init__(self, in_features: int, rank: int, out_features: int, bias: bool, restore_order: bool = True,
                  *, device: Any = None, dtype: torch.dtype | None = None, requires_grad: bool = True,
@@ -130,6 +159,7 @@ class PivotLinear(nn.Module):
         if self.restore_order:
             self.register_buffer("pivots", torch.empty(r, dtype=torch.int64, device=device))
             self.register_buffer("rest", torch.empty(n, dtype=torch.int64, device=device))
+        self._add_marker(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.restore_order and is_exporting():   # plain aten ops (see BDLinear)
@@ -153,14 +183,18 @@ class PivotLinear(nn.Module):
                 f"bias={self.b_pivot is not None}, restore_order={self.restore_order}")
 
 
-class Absorbed(nn.Identity):
+class Absorbed(_Marked, nn.Identity):
     """Where the first linear of a PIFA chain was: its product is computed by the
-    :class:`PivotLinear` at ``into`` (the chain's second linear), so this passes its input on."""
+    :class:`PivotLinear` at ``into`` (the chain's second linear), so this passes its input on.
+    Its only tensor is the empty marker buffer ``weight`` (:data:`MARKER`; ``dtype``, default
+    the default dtype)."""
 
-    def __init__(self, in_features: int, out_features: int, into: str, replaces: str = "Linear"):
+    def __init__(self, in_features: int, out_features: int, into: str, replaces: str = "Linear", *,
+                 device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features, self.into, self.replaces = int(in_features), int(out_features), into, \
             replaces
+        self._add_marker(device, dtype)
 
     def spec(self) -> dict:
         return {"type": "Absorbed", "replaces": self.replaces, "in_features": self.in_features,
@@ -176,7 +210,7 @@ PREPARED_TYPES = (BDLinear, PivotLinear, Absorbed)
 def from_spec(spec: dict, *, device: Any = None, dtype: torch.dtype | None = None,
               requires_grad: bool = True) -> nn.Module:
     """An empty module of the kind and shapes ``spec`` describes (``dtype``: the plan's
-    unless given)."""
+    unless given; an :class:`Absorbed`'s marker: ``dtype``, else the default dtype)."""
     kind = spec.get("type")
     dt = dtype or _dtype(spec["dtype"]) if kind != "Absorbed" else None
     if kind == "BDLinear":
@@ -187,5 +221,6 @@ def from_spec(spec: dict, *, device: Any = None, dtype: torch.dtype | None = Non
                            spec["restore_order"], device=device, dtype=dt, requires_grad=requires_grad,
                            replaces=spec.get("replaces", "Linear"))
     if kind == "Absorbed":
-        return Absorbed(spec["in_features"], spec["out_features"], spec["into"], spec.get("replaces", "Linear"))
+        return Absorbed(spec["in_features"], spec["out_features"], spec["into"], spec.get("replaces", "Linear"),
+                        device=device, dtype=dtype)
     raise ValueError(f"bdpass: unknown prepared module type {kind!r} in a plan")
