@@ -11,6 +11,7 @@ registration (``inductor_lowerings/``).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Callable, Sequence
 
@@ -201,6 +202,28 @@ def is_dynamo_restart(e: BaseException) -> bool:
     return restart is not None and isinstance(e, restart)
 
 
+@contextlib.contextmanager
+def functorch_levels_restored():
+    """Run a block that may enter functorch transforms (a traced graph of a model that uses
+    ``torch.vmap`` holds ``_vmap_increment_nesting``/``_vmap_decrement_nesting`` calls) and
+    leave the transform stack as it was, even when the block raised between an increment and
+    its decrement. A level left behind would make Dynamo's own guard on the functorch state
+    fail on the frame it just compiled."""
+    from torch._C import _functorch as F
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    before = len(retrieve_all_functorch_interpreters())
+    try:
+        yield
+    finally:
+        pop = {F.TransformType.Vmap: F._vmap_decrement_nesting, F.TransformType.Grad: F._grad_decrement_nesting,
+               F.TransformType.Jvp: F._jvp_decrement_nesting, F.TransformType.Functionalize: F._func_decrement_nesting}
+        stack = retrieve_all_functorch_interpreters()
+        while len(stack) > before and stack[-1].key() in pop:
+            pop[stack[-1].key()]()
+            stack = retrieve_all_functorch_interpreters()
+
+
 def is_fake(t: Any) -> bool:
     """True for a tensor without data: a ``FakeTensor`` (Dynamo's example values, export) or a
     tensor on the meta device."""
@@ -216,7 +239,8 @@ def is_dtensor(t: Any) -> bool:
         from torch.distributed.tensor import DTensor
     except Exception:
         return False
-    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+    # ``.data`` only of a parameter: on a tensor inside a vmap it raises
+    return isinstance(t, DTensor) or (isinstance(t, torch.nn.Parameter) and isinstance(t.data, DTensor))
 
 
 def reset_code(code: Any) -> None:

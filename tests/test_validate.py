@@ -157,3 +157,51 @@ def test_measured_growth_over_budget_is_refused(monkeypatch):
     assert report.rewrites == []
     reasons = {s.reason for s in report.skipped}
     assert any("8.39e+03x the original's" in r and "error budget 100" in r for r in reasons), reasons
+
+
+class _VmapMasked(torch.nn.Module):
+    """Causal attention whose mask is built with ``torch.vmap`` over the query positions, as
+    transformers' mask functions do: the traced graph holds vmap's increment and decrement of
+    the functorch nesting around the mask computation."""
+
+    def __init__(self, d=64, heads=4):
+        super().__init__()
+        self.h, self.e = heads, d // heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        pos = torch.arange(T, device=x.device)
+        keep = torch.vmap(lambda i: pos <= i)(pos)
+        q, k, v = (p(x).view(B, T, self.h, self.e).transpose(1, 2) for p in (self.q, self.k, self.v))
+        s = (q @ k.transpose(-1, -2)) * self.e ** -0.5
+        a = torch.softmax(s.masked_fill(~keep, -1e9), dim=-1) @ v
+        return self.o(a.transpose(1, 2).reshape(B, T, D))
+
+
+def test_a_graph_with_vmap_is_validated_and_leaves_no_transform_level():
+    """Validation runs the graph node by node, vmap's nesting calls included: it must not
+    touch ``.data`` of a batched tensor (an error there stopped the run between increment and
+    decrement, and the level left behind made Dynamo's guard on the functorch state fail), and
+    it leaves the transform stack as it found it."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    torch.manual_seed(0)
+    bd_err, ind_err, _, _, report = side_by_side(_VmapMasked(), (torch.randn(2, 5, 64),), options=OPTS)
+    assert retrieve_all_functorch_interpreters() == []
+    assert report.rewrites and all(g.validation.startswith("passed") for g in report.graphs), str(report)
+    assert bd_err <= 10 * max(ind_err, 1e-7), (bd_err, ind_err)
+
+
+def test_functorch_levels_are_restored_after_an_error_inside_a_transform():
+    from torch._C import _functorch as F
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    from bdpass._compat import functorch_levels_restored
+
+    with pytest.raises(ValueError):
+        with functorch_levels_restored():
+            F._vmap_increment_nesting(2, "error")
+            F._vmap_increment_nesting(2, "error")
+            raise ValueError("stopped inside the transform")
+    assert retrieve_all_functorch_interpreters() == []

@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
-from .._compat import is_dtensor
+from .._compat import functorch_levels_restored, is_dtensor
 
 _FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 _COMPLEX_DTYPES = {torch.complex32, torch.complex64, torch.complex128}
@@ -78,6 +78,10 @@ class LocalInterpreter(torch.fx.Interpreter):
 
     def __init__(self, gm: torch.fx.GraphModule, garbage_collect_values: bool = True):
         super().__init__(gm, garbage_collect_values=garbage_collect_values)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with functorch_levels_restored():      # a run stopped inside a vmap leaves no level behind
+            return super().run(*args, **kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op in ("call_function", "call_method"):

@@ -42,6 +42,17 @@ def apply_ops(t: Any, ops: Ops) -> Any:
     return t
 
 
+def common_module_path(paths: Sequence[str]) -> str:
+    """The longest dotted prefix shared by the module paths (``""`` if none, or none given)."""
+    parts = [p.split(".") for p in paths if p]
+    out: list[str] = []
+    for toks in zip(*parts):
+        if len(set(toks)) != 1:
+            break
+        out.append(toks[0])
+    return ".".join(out)
+
+
 @dataclass
 class LinearSite:
     core: torch.fx.Node

@@ -29,11 +29,12 @@ import torch
 import torch.nn as nn
 
 from ..backend import rewrite_graph
+from ..graph.linears import common_module_path
 from ..options import BDOptions
 from ..report import GraphReport, Report
 from ..runtime import _flat_tensors, compare_outputs
 from .capture import TensorRegistry, run_captured
-from .edits import ModelIndex, NotPreparable, ReadCounter, _common, apply_edit, edits_for
+from .edits import ModelIndex, NotPreparable, ReadCounter, apply_edit, edits_for
 
 log = logging.getLogger("bdpass")
 
@@ -127,7 +128,7 @@ def _label(args: list, idx: ModelIndex) -> str:
     """The module path all named tensors of a graph instance share ("" if none)."""
     names = [idx.name(t, "") for t in args if isinstance(t, torch.Tensor)]
     mods = [n.rpartition(".")[0] for n in names if n]
-    return _common(mods) if mods and all(mods) else ""
+    return common_module_path(mods) if mods and all(mods) else ""
 
 
 def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplace: bool = True,

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from ..graph.linears import LinearSite
+from ..graph.linears import LinearSite, common_module_path
 from ..graph.ops import canonical, dtype_of
 from ..report import RewriteRecord
 from ..rewrites import bd_attention
@@ -288,20 +288,8 @@ class Edit:
                 "params_before": self.params_before, "params_after": self.params_after}
 
 
-def _common(paths: Sequence[str]) -> str:
-    parts = [p.split(".") for p in paths if p]
-    if not parts:
-        return ""
-    out = []
-    for toks in zip(*parts):
-        if len(set(toks)) != 1:
-            break
-        out.append(toks[0])
-    return ".".join(out)
-
-
 def _site_name(paths: Sequence[str]) -> str:
-    c = _common(paths)
+    c = common_module_path(paths)
     if c and all(len(p.split(".")) - len(c.split(".")) <= 1 for p in paths):
         return c
     return " -> ".join(dict.fromkeys(paths))

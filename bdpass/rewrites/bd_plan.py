@@ -27,7 +27,7 @@ import numpy as np
 
 from .._compat import module_path_of
 from ..graph.layout import LayoutResult, decode
-from ..graph.linears import LinearSite
+from ..graph.linears import LinearSite, common_module_path
 from ..graph.params import weight_problem
 from ..report import SkipRecord
 
@@ -42,19 +42,6 @@ class Group:
     o_partners: set = field(default_factory=set)      # {(linear, rows)}
     site: str = ""
     nodes: set = field(default_factory=set)           # names of the contraction nodes it pairs at
-
-
-def _common_path(paths: Sequence[str]) -> str:
-    parts = [p.split(".") for p in paths if p]
-    if not parts:
-        return ""
-    out = []
-    for toks in zip(*parts):
-        if all(t == toks[0] for t in toks):
-            out.append(toks[0])
-        else:
-            break
-    return ".".join(out)
 
 
 class _Planner:
@@ -75,7 +62,7 @@ class _Planner:
                 rec.nodes.append(n)
 
     def site_name(self, *linear_ids: int) -> str:
-        return _common_path([self.sites[i].module_path for i in linear_ids]) or \
+        return common_module_path([self.sites[i].module_path for i in linear_ids]) or \
             " / ".join(dict.fromkeys(self.sites[i].weight.name for i in linear_ids))
 
     def contraction_site(self, node, linear_ids) -> str:
