@@ -1,4 +1,6 @@
-"""Custom ops (CPU decompositions and Triton kernels) for the rewritten computations.
+"""The compiler-facing side of the rewritten computations: custom-op registration, fake
+kernels, aten decompositions, CPU kernels and Triton kernels (no hand-written Inductor
+lowering; :mod:`inductor_lowerings.ops` says, per op, how it reaches Inductor).
 
 Importing this package registers three operators (see :mod:`inductor_lowerings.ops` for
 their contracts and :mod:`inductor_lowerings.triton_kernels` for the kernel designs):

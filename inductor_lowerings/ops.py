@@ -1,4 +1,6 @@
-"""Registration of the custom ops ``bdpass::bd_project`` and ``bdpass::pivot_linear``.
+"""Registration of the custom ops ``bdpass::bd_project``, ``bdpass::pivot_linear`` and
+``bdpass::bd_linear`` (whose contract is in :mod:`inductor_lowerings.bd_linear`), and how
+each one reaches the compiler.
 
 ``bdpass::bd_project(Tensor x, Tensor rows, Tensor rest, Tensor w_rest, Tensor? bias,
 bool shared=False) -> Tensor``
@@ -25,19 +27,32 @@ index tables are int64 on the same device and are not bounds-checked by the Trit
 kernels (they are compile-time metadata built by :mod:`bdpass.identities`). The output
 is contiguous.
 
-Implementations:
+What each op has (there is no hand-written Inductor lowering: each op is either decomposed
+into ops Inductor compiles, or called by Inductor's generated code as an opaque kernel):
 
-* Fake kernels: shape, dtype and device checks, an empty output.
-* CUDA with Triton installed and ``torch.library.triton_op`` available: the ops are
-  ``triton_op`` s whose body launches the kernels of
-  :mod:`inductor_lowerings.triton_kernels` through ``wrap_triton``. Under
-  ``torch.compile`` AOTAutograd decomposes them into those kernel calls, so Inductor
-  schedules, tunes and launches the kernels itself.
-* Everything else (CPU; CUDA without Triton): :mod:`inductor_lowerings.aten_impl`.
-  Under ``torch.compile`` the same aten ops are what Inductor sees (the op is
-  decomposed during functionalization, as a ``triton_op`` is), so CPU code generation
-  can fuse the gathers and additions with their neighbours.
-* Autograd: backward formulas in aten ops, so a rewritten graph stays differentiable.
+* ``bd_project`` and ``pivot_linear``:
+  - a fake kernel (shape, dtype and device checks, an empty output);
+  - CUDA with Triton installed and ``torch.library.triton_op`` available: a ``triton_op``
+    whose body launches the kernels of :mod:`inductor_lowerings.triton_kernels` through
+    ``wrap_triton``; under ``torch.compile`` AOTAutograd decomposes it into those kernel
+    calls, so Inductor schedules and launches the kernels itself;
+  - everything else (CPU; CUDA without Triton): a ``custom_op`` whose body is
+    :mod:`inductor_lowerings.aten_impl`, decomposed into those aten ops while AOTAutograd
+    functionalizes (as a ``triton_op`` is), so Inductor's CPU code generation fuses the
+    gathers and additions with their neighbours;
+  - autograd: backward formulas in aten ops.
+* ``bd_linear`` (what the ``bd`` backend emits):
+  - a fake kernel;
+  - one implementation for every device, :func:`inductor_lowerings.bd_linear.bd_linear_blocks`:
+    per block, the identity rows written into the block's output columns and one GEMM
+    accumulated onto them (``addmm_`` into strided views on CPU; on CUDA with Triton, the
+    ``bd_block_triton`` kernel);
+  - opaque to Inductor under ``torch.compile`` (its kernels are the point: each block is
+    written in place in the output, with no gather pass and no concatenation), but
+    decomposed into its aten reference
+    (:func:`inductor_lowerings.bd_linear.bd_linear_reference`) under ``torch.export``, so an
+    exported or AOTInductor-packaged program runs without this package;
+  - autograd: through the aten reference.
 """
 from __future__ import annotations
 
