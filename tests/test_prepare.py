@@ -744,3 +744,27 @@ def test_aoti_package_in_fresh_process(tmp_path):
                          env={**os.environ, "PYTHONPATH": ""})
     assert res.returncode == 0, res.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_applies_every_legal_rewrite_unless_timings_are_asked_for(monkeypatch):
+    """prepare defaults to cost_model=False (the machine that prepares is seldom the one that
+    serves): a tiny low-rank stack, which the cost model declines on any machine at this size
+    (made certain here by a timing that says "slower"), is prepared all the same; with
+    cost_model=True this machine's timing decides, and declines."""
+    from bdpass import timing
+    from lowrank_models import LowRankMLP
+
+    def slower(device, problem, candidates, **kw):
+        return timing.Measured({n: (1.0 if n == "original" else 2.0) for n in candidates},
+                               {n: {"n": 10, "min": 1.0, "q25": 1.0, "median": 1.0} for n in candidates},
+                               {n: timing.Verdict(0.5, 0.5, 0.5, "slower", None, 10)
+                                for n in candidates if n != "original"})
+
+    monkeypatch.setattr(timing, "measure", slower)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 64)
+    default = bdpass.prepare(LowRankMLP(64, 32, 64).eval(), x, inplace=False)
+    assert default.bdpass_report.edits and default.bdpass_report.bytes_after < default.bdpass_report.bytes_before
+    timed = bdpass.prepare(LowRankMLP(64, 32, 64).eval(), x, inplace=False, options={"cost_model": True})
+    assert not timed.bdpass_report.edits, str(timed.bdpass_report)
+    assert any("cost model" in s.reason for s in timed.bdpass_report.skipped), str(timed.bdpass_report)

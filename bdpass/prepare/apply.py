@@ -114,11 +114,16 @@ class PrepareReport:
 
 def _split_options(options: Any) -> tuple[BDOptions, dict]:
     own = dict(PREPARE_OPTIONS)
+    if options is None:
+        options = {}
     if isinstance(options, Mapping):
         options = dict(options)
         for k in PREPARE_OPTIONS:
             if k in options:
                 own[k] = options.pop(k)
+        # prepared weights are about memory, and the machine that prepares is seldom the one
+        # that serves: its timings do not decide unless asked to (cost_model=True)
+        options.setdefault("cost_model", False)
     if not isinstance(own["split_layers"], bool):
         raise TypeError(f"bdpass.prepare: option 'split_layers' must be a bool, got {own['split_layers']!r}")
     return BDOptions.parse(options), own
@@ -139,6 +144,10 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplac
     ``options``: the backend's (:class:`bdpass.BDOptions`; ``lowering``/``inductor``/
     ``release_weights`` do not apply; ``verify=True`` compares the prepared model's output
     with the original's on the example inputs and raises ``bdpass.VerificationError``),
+    except that ``cost_model`` defaults to False here: every legal rewrite within the error
+    budget is applied, in its most accurate form, because prepared weights are about memory
+    and the machine that prepares is seldom the one that serves (``cost_model=True`` lets
+    this machine's timings at the example inputs' size decide, as the backend does);
     plus ``split_layers`` (default True: one graph per block of a layer stack, so that
     preparing holds one layer's float64 work at a time). ``inplace=False`` prepares a deep
     copy and leaves ``model`` untouched.
