@@ -6,7 +6,8 @@ Builds a small DeepSeek-V2 (MLA attention, mixture-of-experts blocks) from a con
 random weights, prepares it with ``bdpass.prepare`` (the model's own modules are edited:
 ``kv_b_proj`` becomes a ``BDLinear``, the query and output projections get ``B`` folded in),
 saves it with ``save_pretrained``, loads it back with transformers' own ``from_pretrained``
-(``import bdpass`` registers bdpass as a transformers quantization method) and checks
+(``import bdpass`` registers bdpass as a transformers quantization method), compares the
+logits of the original and of the loaded model with a float64 run of the original, and checks
 that the greedy tokens equal the original model's, eagerly and under ``torch.compile``.
 See docs/prepare.md.
 """
@@ -20,6 +21,10 @@ import torch
 import transformers
 
 import bdpass
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 def build() -> transformers.PreTrainedModel:
@@ -51,6 +56,11 @@ def main() -> None:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
 
     gen = dict(max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        lo, ll = original(ids).logits.double(), loaded(ids).logits.double()
+        ref64 = copy.deepcopy(original).double()(ids).logits
+    print(f"logits: relative L2 error against a float64 run: original {_rel(lo, ref64):.2e}, "
+          f"prepared and loaded {_rel(ll, ref64):.2e}")
     with torch.no_grad():
         ref = original.generate(ids, **gen)
         eager = loaded.generate(ids, **gen)
