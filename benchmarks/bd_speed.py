@@ -127,7 +127,7 @@ def init_(model, seed=0):
 def projection(M, dtype, repeats):
     """kv_b_proj alone in every form."""
     from bdpass.identities import bd_factors_with_rows, pivot_columns
-    from bdpass.rewrites.bd_attention import _shared_rows
+    from bdpass.rewrites.bd_factors import _shared_rows
 
     torch.manual_seed(0)
     d_in, H, g = 512, 16, 128

@@ -55,7 +55,8 @@ def forbid_factorization(monkeypatch):
     import bdpass.identities.pifa
     import bdpass.identities.pivots
     import bdpass.identities.shared_row_search
-    import bdpass.rewrites.bd_attention
+    import bdpass.rewrites.bd_decide
+    import bdpass.rewrites.bd_factors
     import bdpass.rewrites.pifa
 
     calls = []
@@ -71,7 +72,8 @@ def forbid_factorization(monkeypatch):
         bdpass.identities.pivots: ("pivoted_qr", "pivot_columns"),
         bdpass.identities.shared_row_search: ("shared_rows", "grouped_rows"),
         bdpass.rewrites.pifa: ("pifa_factors",),
-        bdpass.rewrites.bd_attention: ("bd_factors_with_rows", "pivot_columns", "form_factors"),
+        bdpass.rewrites.bd_factors: ("bd_factors_with_rows", "pivot_columns", "form_factors"),
+        bdpass.rewrites.bd_decide: ("form_factors",),
         bdpass.backend: ("rewrite_graph",),
         bdpass.prepare.apply: ("rewrite_graph",),
         torch.linalg: ("qr", "solve", "inv", "svd", "lstsq", "lu_factor"),
