@@ -57,7 +57,7 @@ def side_by_side(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
 # ---------------------------------------------------------------------------- BD folding
 # The folds of B into the partner weights, written out on head-stacked weights: the
 # reference the identity tests check BD factors against (the backend folds the same way,
-# column group by column group, in bdpass/rewrites/bd_attention.py).
+# column group by column group, in bdpass/rewrites/bd_factors.py: _ComponentMath).
 def _basis_for(f, n_heads: int, what: str) -> torch.Tensor:
     H = f.basis64.shape[0]
     if n_heads % H:

@@ -34,8 +34,8 @@ class BdDecision:
     ``bd_linear`` each, in a chosen form) and partners (Q columns, O rows folded)."""
     component: Any                  # bd_plan.Component (heads in ascending channel order)
     sites: Sequence[LinearSite]     # the linear sites the component's indices refer to
-    sources: dict                   # linear index -> bd_attention.Source (with its form)
-    factors: dict                   # linear index -> [bd_attention.SetFactors] at the example weights
+    sources: dict                   # linear index -> bd_sources.Source (with its form)
+    factors: dict                   # linear index -> [bd_factors.SetFactors] at the example weights
     records: list[RewriteRecord] = field(default_factory=list)
     error_budget: float = 100.0
 
