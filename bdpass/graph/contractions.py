@@ -6,10 +6,10 @@ yardstick against which "every attention and every linear-of-linear got a verdic
 checked (``tests/test_verdicts.py``, the architecture sweep). It is not independent of the
 verdicts in one respect: :mod:`.layout` takes :func:`find_attention`'s list to give each
 attention a QK and an AV verdict (or an "unmatched" one), so an attention that this module
-does not recognise is missed by both, silently. What guards that side is the spelling
+does not recognise is missed by both, silently. What narrows that gap is the spelling
 coverage test (``tests/test_spelling_coverage.py``: every op that reaches a tracked channel
-is modelled) and the sweep's list of contractions with a verdict that this module does not
-count (``verdicts_extra``).
+is modelled); the sweep's ``verdicts_extra`` catches only the other direction (a verdict on
+a contraction this module does not count).
 
 * An *attention* is a score contraction and its value contraction: an SDPA call (both in
   one node), or a ``matmul``/``bmm``/``einsum`` whose result reaches a softmax through
@@ -47,7 +47,7 @@ _SCORE_OPS = {"add", "iadd", "add_", "sub", "isub", "sub_", "mul", "imul", "mul_
 _PROB_OPS = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "contiguous", "clone", "detach", "dropout",
              "view", "reshape", "mul", "imul", "mul_", "masked_fill", "masked_fill_", "where", "expand",
              "expand_as", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten", "getitem",
-             "narrow", "contiguous"}
+             "narrow"}
 # data-movement ops between two weight contractions
 _MOVE_OPS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
              "swapaxes", "swapdims", "movedim", "moveaxis", "contiguous", "clone", "detach", "alias", "expand",
