@@ -15,14 +15,14 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
-from . import _compat
+from . import _compat, rules
 from .graph.linears import find_linears
 from .graph.ops import dtype_of, shape_of
 from .graph.params import find_params, weight_numel
 from .options import BDOptions
 from .report import GraphReport, NodeRecord, Report, SkipRecord
-from .rewrites import pifa as pifa_rw
 from .rewrites.editor import GraphEditor
+from .rules import PlanContext
 from .runtime import RewrittenGraph
 
 log = logging.getLogger("bdpass")
@@ -65,94 +65,80 @@ def _needs_grad(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
-def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport,
-                     exclude: dict[str, str] | None = None):
-    """Find, decide and apply every rewrite of one graph on a copy of it.
+def plan_decisions(gm, example_inputs, opts: BDOptions, report: GraphReport,
+                   exclude: dict[str, str] | None = None) -> list:
+    """Plan every enabled rule on one graph (:mod:`bdpass.rules`, in registry order): the
+    decisions, their records in ``report.rewrites`` and the skips in ``report.skipped``.
 
-    ``exclude`` maps names of linear nodes (the core op of a linear site) to a reason:
-    a chain or BD component that involves any of them is skipped with that reason.
-    Returns (editor, records, units) or (None, [], []) when nothing was rewritten;
-    ``units[k]`` is the set of linear node names record ``k`` rewrote together (excluding
-    any one of them refuses the whole unit)."""
-    exclude = exclude or {}
+    ``exclude`` maps names of linear nodes (the core op of a linear site) to a reason: a
+    decision that involves any of them is skipped with that reason."""
     params = find_params(gm, example_inputs)
     report.params_before = weight_numel(params)
-    report.params_after = report.params_before
-    linears = find_linears(gm, params)
-    # weights read by several linear sites (a basis shared by layers, tied layers): a rewrite
-    # of one use would store its own derived copy while the others keep the original
-    readers: dict[int, set] = {}
-    for s in linears:
-        for p in (s.weight, s.bias):
-            if p is not None:
-                readers.setdefault(p.index, set()).add(s.core)
+    ctx = PlanContext(gm, example_inputs, opts, report, find_linears(gm, params), dict(exclude or {}))
+    decisions = [d for r in rules.enabled(opts) for d in r.plan(ctx)]
+    report.rewrites.extend(r for d in decisions for r in d.records)
+    report.params_after = report.params_before - sum(r.params_saved for r in report.rewrites)
+    return decisions
 
-    def shared_weight(sites) -> str | None:
-        cores = {s.core for s in sites}
-        for s in sites:
-            for p in (s.weight, s.bias):
-                if p is not None and readers[p.index] - cores:
-                    return (f"{p.name} is also read by another linear (a shared basis or tied layers): "
-                            f"rewriting would keep it and add a derived copy")
-        return None
-    editor: GraphEditor | None = None
+
+def plan_and_rewrite(gm, example_inputs, opts: BDOptions, report: GraphReport,
+                     exclude: dict[str, str] | None = None):
+    """:func:`plan_decisions`, then each decision written into a copy of the graph by its
+    rule. Returns (editor, records, units) or (None, [], []) when nothing was decided;
+    ``units[k]`` is the set of linear node names record ``k`` rewrote together (excluding
+    any one of them refuses the whole unit); ``editor.decisions`` holds the decisions."""
+    decisions = plan_decisions(gm, example_inputs, opts, report, exclude)
+    if not decisions:
+        return None, [], []
+    editor = GraphEditor(gm, example_inputs)
     records: list = []
     units: list[frozenset[str]] = []
-    chains = []
-    if opts.pifa:
-        found, skips = pifa_rw.find_chains(linears)
-        report.skipped.extend(skips)
-        kept = []
-        for c in found:
-            why = exclude.get(c.first.core.name) or exclude.get(c.second.core.name) or \
-                shared_weight([c.first, c.second])
-            if why:
-                report.skipped.append(SkipRecord(pifa_rw.KIND, c.site, why,
-                                                 nodes=[c.first.core.name, c.second.core.name]))
-            else:
-                kept.append(c)
-        chains, factors, links, skips = pifa_rw.select_chains(kept, example_inputs, opts.budget_for,
-                                                              opts.min_saving, opts.cost_model)
-        report.skipped.extend(skips)
-        producer_of = {c: p for p, c in links.items()}
-        for k, chain in enumerate(chains):
-            if editor is None:
-                editor = GraphEditor(gm, example_inputs)
-            prod = chains[producer_of[k]] if k in producer_of else None
-            records.append(pifa_rw.apply_chain(editor, chain, len(records), opts.budget_for,
-                                               producer=prod, restore_order=k not in links,
-                                               factors=factors[k]))
-            linked = [chain] + ([prod] if prod is not None else []) + \
-                     ([chains[links[k]]] if k in links else [])
-            units.append(frozenset(n.core.name for c in linked for n in (c.first, c.second)))
-    if opts.bd_qk or opts.bd_vo:
-        from .graph.layout import analyze
-        from .rewrites import bd_attention, bd_plan
+    for d in decisions:
+        rules.rule(d.rule).rewrite(editor, d, len(records))
+        records.extend(d.records)
+        units.extend(d.nodes for _ in d.records)
+    editor.decisions = decisions
+    return editor, records, units
 
-        used = {n for c in (chains if opts.pifa else []) for n in (c.first.core, c.second.core)}
-        bd_sites = [s for s in linears if s.core not in used]
-        layout = analyze(gm, bd_sites, example_inputs)
-        comps, skips = bd_plan.plan(layout, bd_sites, opts.bd_qk, opts.bd_vo, min_saving=opts.min_saving,
-                                    reshaped_sites=True)
-        report.skipped.extend(skips)
-        for comp in comps:
-            names = frozenset(bd_sites[i].core.name for i in comp.linears)
-            why = next((exclude[n] for n in sorted(names) if n in exclude), None) or \
-                shared_weight([bd_sites[i] for i in comp.linears])
-            if why:
-                report.skipped.extend(bd_attention.skips_for(comp.groups, why))
-                continue
-            if editor is None:
-                editor = GraphEditor(gm, example_inputs)
-            budget = opts.budget_for(bd_sites[comp.linears[0]].weight.tensor.dtype)
-            recs, skips = bd_attention.apply_component(editor, comp, bd_sites, len(records), budget,
-                                                      opts.cost_model)
-            report.skipped.extend(skips)
-            records.extend(recs)
-            units.extend(names for _ in recs)
-    report.rewrites.extend(records)
-    report.params_after = report.params_before - sum(r.params_saved for r in records)
-    return (editor, records, units) if records else (None, [], [])
+
+def decide_graph(gm, example_inputs, opts: BDOptions, index: int = 0) -> tuple[GraphReport, list]:
+    """The report and decisions of one graph, for ``prepare``: with ``opts.validate`` (the
+    default) through :func:`rewrite_graph`, whose float64 check needs the rewritten graph;
+    without it, planned only (no graph is rewritten)."""
+    if opts.validate:
+        report, editor, _, _ = rewrite_graph(gm, example_inputs, opts, index)
+        return report, ([] if editor is None else editor.decisions)
+    report = GraphReport(index=index, lowering=opts.lowering)
+    return report, plan_decisions(gm, example_inputs, opts, report)
+
+
+def refit_graph(first: GraphReport, decisions: Sequence[Any], example_inputs, opts: BDOptions,
+                index: int) -> tuple[GraphReport, list]:
+    """The decisions of graph ``first`` (already planned and validated) at the weights of
+    another instance of the same graph (another layer of a stack): each refactorized by its
+    rule (``Rule.refit``); one whose identity does not hold within its error budget at these
+    weights is skipped with the reason. Returns the instance's report and decisions."""
+    from .identities import FactorizationError
+
+    report = GraphReport(index=index, lowering=first.lowering, params_before=first.params_before,
+                         skipped=list(first.skipped))
+    out = []
+    refused = 0
+    for d in decisions:
+        try:
+            new = rules.rule(d.rule).refit(d, example_inputs)
+        except FactorizationError as e:
+            refused += 1
+            report.skipped.extend(SkipRecord(r.kind, r.site, f"at this instance's weights: {e}",
+                                             nodes=list(r.details.get("nodes", []))) for r in d.records)
+            continue
+        out.append(new)
+        report.rewrites.extend(new.records)
+    report.params_after = report.params_before - sum(r.params_saved for r in report.rewrites)
+    report.validation = (f"shared with graph {first.index} (the same graph at other weights; its check: "
+                         f"{first.validation or 'none'}); each rewrite refactorized here within its error budget"
+                         + (f", {refused} refused" if refused else ""))
+    return report, out
 
 
 def rewrite_graph(gm, example_inputs, opts: BDOptions, index: int = 0):

@@ -23,7 +23,7 @@ KV_CACHE_HINT = ("{n} site(s) skipped where K/V are concatenated with other posi
 
 @dataclass
 class RewriteRecord:
-    kind: str                 # "pifa" | "bd_qk" | "bd_vo"
+    kind: str                 # one of bdpass.rules.kinds(): "pifa", "bd_qk", "bd_vo"
     site: str                 # module path of the site
     params_before: int
     params_after: int

@@ -68,7 +68,8 @@ def _how(tp_plan: Mapping[str, Any], path: str) -> str | None:
     return how
 
 
-def _range(n: int, rank: int, world: int, what: str) -> tuple[int, int]:
+def split_range(n: int, rank: int, world: int, what: str) -> tuple[int, int]:
+    """Rank ``rank``'s part ``[a, b)`` of ``n`` split in ``world`` equal parts."""
     if n % world:
         raise ShardError(f"bdpass.shard: {what}: {n} is not divisible by {world} ranks")
     per = n // world
@@ -76,67 +77,19 @@ def _range(n: int, rank: int, world: int, what: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- per module
-def _bd_col(path: str, spec: dict, get: Callable, rank: int, world: int) -> tuple[dict, dict]:
-    c0, c1 = _range(spec["out_features"], rank, world, f"{path} (out_features)")
-    tables = spec["tables"]
-    new_tables: list[int] = []
-    remap: dict[int, int] = {}
-    blocks, state = [], {}
-    for i, (t, col, n, hb) in enumerate(spec["blocks"]):
-        a, b = max(c0, col), min(c1, col + n)
-        if a >= b:
-            continue
-        g = tables[t]
-        if g and ((a - col) % g or (b - col) % g):
-            raise ShardError(f"bdpass.shard: {path}: columns {c0}:{c1} of rank {rank} cut a BD head of block {i} "
-                             f"(columns {col}:{col + n}, heads of {g}); split by whole heads")
-        if t not in remap:
-            remap[t] = len(new_tables)
-            new_tables.append(g)
-            state[f"sel_{remap[t]}"] = get(f"sel_{t}")[...]
-            state[f"rest_{remap[t]}"] = get(f"rest_{t}")[...]
-        j = len(blocks)
-        blocks.append([remap[t], a - c0, b - a, hb])
-        state[f"weight_{j}"] = get(f"weight_{i}")[:, a - col:b - col]
-        if hb:
-            state[f"bias_{j}"] = get(f"bias_{i}")[a - col:b - col]
-    local = {**spec, "out_features": c1 - c0, "tables": new_tables, "blocks": blocks}
-    return local, state
-
-
-def _pivot_row(path: str, spec: dict, get: Callable, rank: int, world: int) -> tuple[dict, dict]:
-    r, out = spec["rank"], spec["out_features"]
-    j0, j1 = _range(r, rank, world, f"{path} (rank)")
-    rk = j1 - j0
-    w_pivot = get("w_pivot")[:, j0:j1]
-    coeff = get("coeff")[j0:j1, :]
-    if spec["restore_order"]:
-        pos_p, pos_r = get("pivots")[...], get("rest")[...]
-    else:                                   # output in [pivots, rest] order, kept as it is
-        pos_p, pos_r = torch.arange(r), torch.arange(r, out)
-    others = torch.cat([pos_p[:j0], pos_p[j1:]])
-    zeros = coeff.new_zeros(rk, r - rk)
-    state = {"w_pivot": w_pivot, "coeff": torch.cat([zeros, coeff], dim=1),
-             "pivots": pos_p[j0:j1].clone(), "rest": torch.cat([others, pos_r])}
-    if spec["bias"]:
-        b_rest = get("b_rest")[...]
-        state["b_pivot"] = get("b_pivot")[j0:j1]
-        state["b_rest"] = torch.cat([b_rest.new_zeros(r - rk), b_rest if rank == 0 else torch.zeros_like(b_rest)])
-    local = {**spec, "rank": rk, "restore_order": True}
-    return local, state
-
-
+# a prepared module's share is its rule's (``Rule.shard_module``: BD's in
+# bdpass.rewrites.bd_modules, PIFA's in bdpass.rewrites.pifa_modules)
 def _linear(path: str, how: str | None, get: Callable, names: list[str], rank: int, world: int) -> dict:
     state = {}
     for name in names:
         t = get(name)
         if how == "col":
             n = t.get_shape()[0] if hasattr(t, "get_shape") else t.shape[0]
-            a, b = _range(n, rank, world, f"{path}.{name} (rows)")
+            a, b = split_range(n, rank, world, f"{path}.{name} (rows)")
             state[name] = t[a:b]
         elif how == "row" and name == "weight":
             n = t.get_shape()[1] if hasattr(t, "get_shape") else t.shape[1]
-            a, b = _range(n, rank, world, f"{path}.weight (columns)")
+            a, b = split_range(n, rank, world, f"{path}.weight (columns)")
             state[name] = t[:, a:b]
         elif how == "row" and name == "bias":
             full = t[...]
@@ -161,6 +114,7 @@ def _shard(plan: dict, names: list[str], read: Callable[[str], Any], tp_plan: Ma
            rank: int, world: int) -> tuple[dict, dict]:
     if not 0 <= rank < world:
         raise ShardError(f"bdpass.shard: rank {rank} outside a world of {world}")
+    from . import rules
     from .prepare.modules import MARKER
 
     prepared = plan["modules"]
@@ -176,31 +130,18 @@ def _shard(plan: dict, names: list[str], read: Callable[[str], Any], tp_plan: Ma
         by_module.setdefault(p, []).append(rest)
     specs: dict[str, dict] = {}
     state: dict[str, torch.Tensor] = {}
-    absorbed_into = {spec["into"]: p for p, spec in prepared.items() if spec["type"] == "Absorbed"}
-    for p, spec in sorted(prepared.items(), key=lambda kv: kv[1]["type"] == "Absorbed"):   # chains first
+    # a module whose spec names ``into`` (PIFA's Absorbed) is part of the module at that path
+    absorbed_into = {spec["into"]: p for p, spec in prepared.items() if "into" in spec}
+    for p, spec in sorted(prepared.items(), key=lambda kv: "into" in kv[1]):   # the modules they join first
         how = _how(tp_plan, p)
         get = (lambda q: lambda t: read(f"{q}.{t}"))(p)
-        kind = spec["type"]
         local: dict
         tensors: dict = {}
         if how is None:
             local, tensors = dict(spec), {t: get(t)[...] for t in by_module.get(p, [])}
-        elif kind == "BDLinear":
-            if how != "col":
-                raise ShardError(f"bdpass.shard: {p} (BDLinear) can only be split by heads ('col'): its identity "
-                                 "rows read input channels that a row split scatters over ranks")
-            local, tensors = _bd_col(p, spec, get, rank, world)
-        elif kind == "PivotLinear":
-            if how != "row":
-                raise ShardError(f"bdpass.shard: {p} (PivotLinear) can only be split by rank slices ('row', output "
-                                 "a partial sum): every output column needs every pivot")
-            local, tensors = _pivot_row(p, spec, get, rank, world)
-        else:                               # Absorbed: no tensors but the marker
-            into = spec["into"]
-            if _how(tp_plan, into) != "row" or how != "col":
-                raise ShardError(f"bdpass.shard: {p} (first linear of the chain at {into}) splits with its chain: "
-                                 f"'col' here and 'row' at {into}")
-            local = {**spec, "out_features": spec["out_features"] // world}
+        else:
+            local, tensors = rules.rule_for_module(spec["type"]).shard_module(
+                p, spec, how, get, rank, world, lambda q: _how(tp_plan, q))
         if MARKER in by_module.get(p, ()) and MARKER not in tensors:     # the empty marker, as it is
             tensors[MARKER] = get(MARKER)[...]
         specs[p] = local

@@ -2,6 +2,7 @@
 preparing.
 
     python benchmarks/prepare_figures.py [--layers 3] [--tokens 64] [--which mla,lowrank] [--threads 1]
+                                         [--options '{"share_analysis": false}']
                                          [--out benchmarks/results/prepare_figures.json]
 
 (a) ``mla``: a DeepSeek-V2-Lite-shaped model (transformers ``deepseek_v2``) with the real
@@ -214,17 +215,21 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--which", default="mla,lowrank")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--options", default=None,
+                   help='JSON options for prepare, merged over {"cost_model": false} (e.g. \'{"share_analysis": false}\')')
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS/OpenMP threads (set before torch and scipy start; on a shared machine 1 avoids "
                         "the threads of the factorizations waiting on each other)")
     a = p.parse_args()
+    if a.options:
+        OPTIONS.update(json.loads(a.options))
     if a.threads is not None and os.environ.get("OMP_NUM_THREADS") != str(a.threads):
         env = dict(os.environ, **{k: str(a.threads) for k in _THREAD_VARS})
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "bdpass": bdpass.__version__,
            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
            "command": "python benchmarks/prepare_figures.py " + " ".join(
-               f"--{k} {v}" for k, v in vars(a).items() if v is not None)}
+               f"--{k} {v!r}" if k == "options" else f"--{k} {v}" for k, v in vars(a).items() if v is not None)}
     env["load_average_at_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(", ".join(f"{k} {v}" for k, v in env.items()) + f"; float32 CPU, options {OPTIONS}")
     _warm_up()

@@ -74,8 +74,8 @@ def forbid_factorization(monkeypatch):
         bdpass.rewrites.pifa: ("pifa_factors",),
         bdpass.rewrites.bd_factors: ("bd_factors_with_rows", "pivot_columns", "form_factors"),
         bdpass.rewrites.bd_decide: ("form_factors",),
-        bdpass.backend: ("rewrite_graph",),
-        bdpass.prepare.apply: ("rewrite_graph",),
+        bdpass.backend: ("rewrite_graph", "plan_decisions", "decide_graph", "refit_graph"),
+        bdpass.prepare.apply: ("decide_graph", "refit_graph"),
         torch.linalg: ("qr", "solve", "inv", "svd", "lstsq", "lu_factor"),
     }
     for mod, names in targets.items():
@@ -177,16 +177,18 @@ def test_one_layer_of_float64_work_at_a_time(monkeypatch):
     model = Stack(3).eval()
     x = torch.randn(2, 12, 64)
     live, calls = [], []
-    real = apply_mod.rewrite_graph
 
-    def counting(gm, args, opts, index):
-        gc.collect()
-        live.append(sum(o.numel() for o in gc.get_objects()
-                        if isinstance(o, torch.Tensor) and o.dtype == torch.float64))
-        calls.append(sum(isinstance(m, bdpass.BDLinear) for m in model.modules()))
-        return real(gm, args, opts, index)
+    def counting(real):
+        def analysis(*a):
+            gc.collect()
+            live.append(sum(o.numel() for o in gc.get_objects()
+                            if isinstance(o, torch.Tensor) and o.dtype == torch.float64))
+            calls.append(sum(isinstance(m, bdpass.BDLinear) for m in model.modules()))
+            return real(*a)
+        return analysis
 
-    monkeypatch.setattr(apply_mod, "rewrite_graph", counting)
+    for name in ("decide_graph", "refit_graph"):      # first layer, other layers
+        monkeypatch.setattr(apply_mod, name, counting(getattr(apply_mod, name)))
     original = copy.deepcopy(model)
     bdpass.prepare(model, x, options=ALL)
     layer_instances = [i for i, lab in enumerate(model.bdpass_report.instances) if lab.startswith("layers.")]
@@ -195,6 +197,83 @@ def test_one_layer_of_float64_work_at_a_time(monkeypatch):
     # the edits of layer k are in the model before layer k+1 is analysed
     assert [calls[i] for i in layer_instances] == [0, 2, 4], calls
     assert_side_by_side(original, model, (x,))
+
+
+def test_layers_share_one_analysis_and_refit_their_own_weights(monkeypatch):
+    """The layers of a stack run through one graph: it is analysed and validated once, and
+    every other layer refits the same rewrites to its own weights. The result is the same,
+    tensor for tensor, as analysing every layer on its own."""
+    import bdpass.prepare.apply as apply_mod
+
+    torch.manual_seed(0)
+    model = Stack(3).eval()
+    x = torch.randn(2, 12, 64)
+    separate = bdpass.prepare(copy.deepcopy(model), x, options={**ALL, "share_analysis": False})
+    counts = {"decide_graph": 0, "refit_graph": 0}
+
+    def counting(name, real):
+        def analysis(*a):
+            counts[name] += 1
+            return real(*a)
+        return analysis
+
+    for name in counts:
+        monkeypatch.setattr(apply_mod, name, counting(name, getattr(apply_mod, name)))
+    shared = bdpass.prepare(copy.deepcopy(model), x, options=ALL)
+    layers = [i for i, lab in enumerate(shared.bdpass_report.instances) if lab.startswith("layers.")]
+    assert len(layers) == 3 and counts["refit_graph"] == 2, (counts, shared.bdpass_report.instances)
+    reps = shared.bdpass_report.graphs
+    assert all(reps[i].validation.startswith(f"shared with graph {reps[layers[0]].index}") for i in layers[1:])
+    assert [len(reps[i].rewrites) for i in layers] == [len(separate.bdpass_report.graphs[i].rewrites)
+                                                      for i in layers]
+    a, b = shared.state_dict(), separate.state_dict()
+    assert a.keys() == b.keys() and len(shared.bdpass_report.edits) == 12
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert_side_by_side(model, shared, (x,))
+
+
+def test_a_layer_where_the_identity_fails_keeps_its_weights():
+    """Refitting checks each layer's factors against the error budget: a layer whose
+    low-rank chain has a singular pivot block keeps that chain's
+    original modules, named in the report, while the other layers are prepared."""
+    torch.manual_seed(0)
+    model = Stack(3).eval()
+    with torch.no_grad():      # layer 1's up-projection: rank-deficient (two columns equal)
+        u = model.layers[1].mlp.up.u_proj.weight           # (d_out, r)
+        u[:, 1] = u[:, 0]
+    x = torch.randn(2, 12, 64)
+    original = copy.deepcopy(model)
+    bdpass.prepare(model, x, options=ALL)
+    rep = model.bdpass_report
+    refused = {lab: [sk for sk in g.skipped if "at this instance's weights" in sk.reason]
+               for g, lab in zip(rep.graphs, rep.instances)}
+    assert [lab for lab, sks in refused.items() if sks] == ["layers.1"], refused
+    assert {sk.site for sk in refused["layers.1"]} == {"mlp.up", "mlp.down"}, refused    # linked chains
+    assert not isinstance(model.layers[1].mlp.up.u_proj, bdpass.PivotLinear)
+    assert isinstance(model.layers[2].mlp.up.u_proj, bdpass.PivotLinear)
+    assert_side_by_side(original, model, (x,))
+
+
+def test_without_validation_no_graph_is_rewritten(monkeypatch):
+    """Decisions are plain objects: with validate=False ``prepare`` edits the modules from
+    them and never builds a rewritten graph; the result equals the validated one."""
+    import bdpass.backend as backend_mod
+
+    torch.manual_seed(0)
+    model = Stack(2).eval()
+    x = torch.randn(2, 12, 64)
+    validated = bdpass.prepare(copy.deepcopy(model), x, options=ALL)
+
+    def no_editor(*a, **k):
+        raise AssertionError("a graph was rewritten")
+
+    monkeypatch.setattr(backend_mod, "GraphEditor", no_editor)
+    plain = bdpass.prepare(copy.deepcopy(model), x, options={**ALL, "validate": False})
+    a, b = plain.state_dict(), validated.state_dict()
+    assert a.keys() == b.keys() and len(plain.bdpass_report.edits) == 8
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def live_tensor_bytes():
@@ -218,7 +297,7 @@ def test_peak_memory_is_the_model_plus_one_layer_of_float64_work(monkeypatch):
     (a float64 copy of the weights plus float64 factors of about the same size)."""
     import bdpass.prepare.apply as apply_mod
 
-    real = apply_mod.rewrite_graph
+    reals = {name: getattr(apply_mod, name) for name in ("decide_graph", "refit_graph")}
     extra = {}
     for n in (2, 4):
         torch.manual_seed(0)
@@ -227,12 +306,15 @@ def test_peak_memory_is_the_model_plus_one_layer_of_float64_work(monkeypatch):
         base = live_tensor_bytes()
         samples = extra[n] = []
 
-        def sampling(gm, args, opts, index):
-            out = real(gm, args, opts, index)
-            samples.append(live_tensor_bytes() - base)
-            return out
+        def sampling(real):
+            def analysis(*a):
+                out = real(*a)
+                samples.append(live_tensor_bytes() - base)
+                return out
+            return analysis
 
-        monkeypatch.setattr(apply_mod, "rewrite_graph", sampling)
+        for name, real in reals.items():
+            monkeypatch.setattr(apply_mod, name, sampling(real))
         bdpass.prepare(model, x, options=ALL)
         assert len(model.bdpass_report.edits) == 4 * n, str(model.bdpass_report)
         layer64 = 2 * bdpass.prepare.state_bytes(Block())

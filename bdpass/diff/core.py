@@ -93,7 +93,7 @@ from ..options import BDOptions
 from ..report import Report
 from .align import align_graph
 # the data and the numerics stay reachable here too (bdpass.diff.core.Row, .stats, ...)
-from .model import NOTHING_FOUND, RULES, Diff, GraphDiff, Region, Row, RuleRow, Stats  # noqa: F401
+from .model import NOTHING_FOUND, Diff, GraphDiff, Region, Row, RuleRow, Stats  # noqa: F401
 from .numerics import BASIS_DEV, _Recorder, measure_graph, stats  # noqa: F401
 
 

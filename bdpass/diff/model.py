@@ -18,7 +18,6 @@ import torch
 from ..options import BDOptions
 from ..report import GraphReport, NodeRecord, Report, RewriteRecord
 
-RULES = ("pifa", "bd_qk", "bd_vo")
 NOTHING_FOUND = "no linear chains or attention found"
 
 
@@ -142,7 +141,9 @@ class Diff:
         return best
 
     def rules(self) -> list[RuleRow]:
-        kinds = list(RULES)
+        from .. import rules
+
+        kinds = list(rules.kinds())
         for r in self.report.rewrites:
             if r.kind not in kinds:
                 kinds.append(r.kind)

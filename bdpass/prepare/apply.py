@@ -4,13 +4,18 @@ Steps (see the package documentation for what the result is):
 
 1. An eager run on the example inputs counts how often each of the model's tensors is read
    (:class:`~bdpass.prepare.edits.ReadCounter`): an edit may only touch tensors read once.
-2. A compiled run (:func:`~bdpass.prepare.capture.run_captured`): every graph instance (a
-   graph with one set of weights; one per layer with ``split_layers``) is analysed by
-   :func:`bdpass.backend.rewrite_graph` exactly as the ``bd`` backend does (find, decide,
-   rewrite, validate); its outputs are computed with the weights before any edit; then its
-   decisions become module edits (:func:`~bdpass.prepare.edits.edits_for`) that are applied
-   at once, and the decisions, their float64 factors and the rewritten graph are dropped.
-   So preparing holds the model plus one instance's float64 work, never all layers' factors.
+2. A compiled run (:func:`~bdpass.prepare.capture.run_captured`): the first instance of
+   every graph (a graph with one set of weights; one per layer with ``split_layers``) is
+   analysed by :func:`bdpass.backend.decide_graph` exactly as the ``bd`` backend does (find,
+   decide, and with ``validate`` the float64 check of the rewritten graph). The other
+   instances of the same graph (the other layers of a stack: Dynamo runs them all through
+   one graph) refit those decisions to their own weights (:func:`bdpass.backend.refit_graph`:
+   each rewrite refactorized, and refused where its identity does not hold within the error
+   budget there), unless ``share_analysis=False``. Each instance's outputs are computed
+   with the weights before any edit; then its decisions become module edits
+   (:func:`~bdpass.prepare.edits.edits_for`, each rule's own) that are applied at once, and
+   the decisions and their float64 factors are dropped. So preparing holds the model plus
+   one instance's float64 work, never all layers' factors.
 3. The plan of the prepared modules goes to ``model.config.quantization_config`` (and a copy
    to ``model.config.bdpass``) for transformers models (``save_pretrained`` writes it), and
    the report to ``model.bdpass_report``.
@@ -28,7 +33,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ..backend import rewrite_graph
+from ..backend import decide_graph, refit_graph
 from ..graph.linears import common_module_path
 from ..options import BDOptions
 from ..report import GraphReport, Report
@@ -41,7 +46,7 @@ log = logging.getLogger("bdpass")
 __all__ = ["prepare", "PrepareReport", "state_bytes", "PREPARE_OPTIONS"]
 
 # options of prepare itself, accepted in ``options`` next to the backend's
-PREPARE_OPTIONS = {"split_layers": True}
+PREPARE_OPTIONS = {"split_layers": True, "share_analysis": True}
 
 
 def state_bytes(module: nn.Module) -> int:
@@ -124,8 +129,9 @@ def _split_options(options: Any) -> tuple[BDOptions, dict]:
         # prepared weights are about memory, and the machine that prepares is seldom the one
         # that serves: its timings do not decide unless asked to (cost_model=True)
         options.setdefault("cost_model", False)
-    if not isinstance(own["split_layers"], bool):
-        raise TypeError(f"bdpass.prepare: option 'split_layers' must be a bool, got {own['split_layers']!r}")
+    for k in PREPARE_OPTIONS:
+        if not isinstance(own[k], bool):
+            raise TypeError(f"bdpass.prepare: option {k!r} must be a bool, got {own[k]!r}")
     return BDOptions.parse(options), own
 
 
@@ -149,8 +155,11 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplac
     and the machine that prepares is seldom the one that serves (``cost_model=True`` lets
     this machine's timings at the example inputs' size decide, as the backend does);
     plus ``split_layers`` (default True: one graph per block of a layer stack, so that
-    preparing holds one layer's float64 work at a time). ``inplace=False`` prepares a deep
-    copy and leaves ``model`` untouched.
+    preparing holds one layer's float64 work at a time) and ``share_analysis`` (default
+    True: the layers of a stack, one graph, are analysed and validated once, at the first
+    layer; every other layer refactorizes the same rewrites from its own weights, each
+    checked against the error budget). ``inplace=False`` prepares a deep copy and leaves
+    ``model`` untouched.
 
     The model is run twice on the example inputs (eagerly, then compiled), under
     ``no_grad``; ``torch._dynamo.reset()`` is called before and after. What was prepared,
@@ -183,6 +192,9 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplac
     # 2. compiled run: analyse each instance, apply its edits
     edited = TensorRegistry()
     times = {"analysis": 0.0, "edits": 0.0}
+    # graph -> (graph, its first instance's report, its decisions without tensors): the other
+    # instances of a graph (the other layers of a stack) refit those decisions to their weights
+    shared: dict[int, tuple] = {}
 
     def before_call(a: list) -> None:
         for t in a:
@@ -196,23 +208,26 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplac
         with torch.no_grad():
             out = gm.forward(*a)
         t1 = time.perf_counter()
+        first = shared.get(id(gm)) if own["share_analysis"] else None
         try:
-            report, editor, _, _ = rewrite_graph(gm, a, opts, index)
+            if first is not None and first[0] is gm:
+                report, decisions = refit_graph(first[1], first[2], a, opts, index)
+            else:
+                report, decisions = decide_graph(gm, a, opts, index)
+                shared[id(gm)] = (gm, report, [d.without_tensors() for d in decisions])
         except Exception as e:
             if opts.strict:
                 raise
             report = GraphReport(index=index, lowering="prepare")
             report.fallback = f"internal error during rewriting ({type(e).__name__}: {e})"
             log.warning("bdpass.prepare: graph %d: %s", index, report.fallback)
-            editor = None
+            decisions = []
         report.lowering = "prepare"
         times["analysis"] += time.perf_counter() - t1
         rep.graphs.append(report)
         rep.instances.append(_label(a, idx))
-        if editor is None:
+        if not decisions:
             return out
-        decisions = editor.decisions
-        del editor
         t2 = time.perf_counter()
         try:
             edits, bad = edits_for(decisions, a, idx, index)

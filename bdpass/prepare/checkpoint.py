@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .modules import PREPARED_TYPES, from_spec
+from .modules import PREPARED_TYPES, PreparedModule, from_spec
 
 __all__ = ["PLAN_FORMAT", "METADATA_KEY", "plan_of", "apply_plan", "read_plan", "save_prepared", "load_prepared",
            "from_pretrained", "set_config_plan", "rebase_plan"]
@@ -123,23 +123,14 @@ def _check_plan(plan: Any, where: str) -> dict:
 
 
 def _features(m: nn.Module) -> tuple[str | None, int | None, int | None]:
-    from .edits import _module_kind
+    from .edits import module_kind
 
-    kind = _module_kind(m)
+    kind = module_kind(m)
     if kind == "Linear":
         return kind, m.in_features, m.out_features
     if kind == "Conv1D":
         return kind, int(m.weight.shape[0]), int(m.weight.shape[1])
     return None, None, None
-
-
-def _replaced_features(spec: dict) -> tuple[int, int]:
-    """(in, out) features of the module a prepared module replaced: a PivotLinear takes the
-    place of its chain's second linear (rank -> out), the others of a module of their own
-    width."""
-    if spec.get("type") == "PivotLinear":
-        return int(spec["rank"]), int(spec["out_features"])
-    return int(spec["in_features"]), int(spec["out_features"])
 
 
 def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
@@ -160,7 +151,10 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
                 raise ValueError(f"bdpass: {path} is already a prepared module of another shape")
             continue
         kind, d_in, d_out = _features(m)
-        want = _replaced_features(spec)
+        cls = PreparedModule._types.get(spec.get("type"))
+        if cls is None:
+            raise ValueError(f"bdpass: unknown prepared module type {spec.get('type')!r} in the plan at {path}")
+        want = cls.replaced_features(spec)
         if kind != spec.get("replaces") or (d_in, d_out) != want:
             have = f"{kind or type(m).__name__}({d_in}, {d_out})" if kind else type(m).__name__
             raise ValueError(f"bdpass: the plan replaces {path} = {spec.get('replaces')}({want[0]}, {want[1]}), "

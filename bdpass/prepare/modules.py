@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .._compat import is_exporting
 
-__all__ = ["BDLinear", "PivotLinear", "Absorbed", "from_spec", "PREPARED_TYPES", "MARKER"]
+__all__ = ["PreparedModule", "BDLinear", "PivotLinear", "Absorbed", "from_spec", "PREPARED_TYPES", "MARKER"]
 
 MARKER = "weight"   # the zero-element buffer each prepared module holds (see the module docstring)
 
@@ -57,9 +57,29 @@ def _param(shape: Sequence[int], device: Any, dtype: torch.dtype, requires_grad:
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=requires_grad)
 
 
-class _Marked(nn.Module):
-    """Holds the zero-element :data:`MARKER` buffer; a ``state_dict`` without it loads (it
-    carries no value)."""
+class PreparedModule(nn.Module):
+    """The base of every prepared module: a JSON-able :meth:`spec`, the classmethod
+    :meth:`from_spec` that builds an empty module of those shapes, and the zero-element
+    :data:`MARKER` buffer (a ``state_dict`` without it loads: it carries no value). A
+    subclass is known to :func:`from_spec` by its class name."""
+    _types: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        PreparedModule._types[cls.__name__] = cls
+
+    def spec(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict, *, device: Any = None, dtype: torch.dtype | None = None,
+                  requires_grad: bool = True) -> "PreparedModule":
+        raise NotImplementedError
+
+    @staticmethod
+    def replaced_features(spec: dict) -> tuple[int, int]:
+        """(in, out) features of the module this one took the place of."""
+        return int(spec["in_features"]), int(spec["out_features"])
 
     def _add_marker(self, device: Any, dtype: torch.dtype | None) -> None:
         self.register_buffer(MARKER, torch.empty(0, device=device, dtype=dtype or torch.get_default_dtype()))
@@ -73,7 +93,7 @@ class _Marked(nn.Module):
             missing_keys.remove(key)
 
 
-class BDLinear(_Marked):
+class BDLinear(PreparedModule):
     """``y = bd_linear(x, sel, rest, weight, bias, block_table, block_col, out_features)``.
 
     ``tables[t]`` is the number of identity rows of pivot table ``t`` (0 for the dense
@@ -125,13 +145,20 @@ class BDLinear(_Marked):
                 "out_features": self.out_features, "tables": list(self.tables),
                 "blocks": [list(b) for b in self.blocks], "dtype": _dtype_name(w.dtype)}
 
+    @classmethod
+    def from_spec(cls, spec: dict, *, device: Any = None, dtype: torch.dtype | None = None,
+                  requires_grad: bool = True) -> "BDLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["tables"], spec["blocks"], device=device,
+                   dtype=dtype or _dtype(spec["dtype"]), requires_grad=requires_grad,
+                   replaces=spec.get("replaces", "Linear"))
+
     def extra_repr(self) -> str:
         bd = sum(1 for t, *_ in self.blocks if self.tables[t])
         return (f"in_features={self.in_features}, out_features={self.out_features}, tables={len(self.tables)}, "
                 f"blocks={len(self.blocks)} ({bd} BD)")
 
 
-class PivotLinear(_Marked):
+class PivotLinear(PreparedModule):
     """A low-rank chain ``y = (x A + a) B + b`` after PIFA (``r = rank`` pivot columns):
     ``y[..., pivots] = x @ w_pivot + b_pivot``, ``y[..., rest] = y[..., pivots] @ coeff + b_rest``.
 
@@ -178,12 +205,24 @@ class PivotLinear(_Marked):
                 "rank": self.rank, "out_features": self.out_features, "bias": self.b_pivot is not None,
                 "restore_order": self.restore_order, "dtype": _dtype_name(self.w_pivot.dtype)}
 
+    @classmethod
+    def from_spec(cls, spec: dict, *, device: Any = None, dtype: torch.dtype | None = None,
+                  requires_grad: bool = True) -> "PivotLinear":
+        return cls(spec["in_features"], spec["rank"], spec["out_features"], spec["bias"], spec["restore_order"],
+                   device=device, dtype=dtype or _dtype(spec["dtype"]), requires_grad=requires_grad,
+                   replaces=spec.get("replaces", "Linear"))
+
+    @staticmethod
+    def replaced_features(spec: dict) -> tuple[int, int]:
+        """It takes the place of its chain's second linear (rank -> out)."""
+        return int(spec["rank"]), int(spec["out_features"])
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, rank={self.rank}, out_features={self.out_features}, "
                 f"bias={self.b_pivot is not None}, restore_order={self.restore_order}")
 
 
-class Absorbed(_Marked, nn.Identity):
+class Absorbed(PreparedModule, nn.Identity):
     """Where the first linear of a PIFA chain was: its product is computed by the
     :class:`PivotLinear` at ``into`` (the chain's second linear), so this passes its input on.
     Its only tensor is the empty marker buffer ``weight`` (:data:`MARKER`; ``dtype``, default
@@ -200,27 +239,24 @@ class Absorbed(_Marked, nn.Identity):
         return {"type": "Absorbed", "replaces": self.replaces, "in_features": self.in_features,
                 "out_features": self.out_features, "into": self.into}
 
+    @classmethod
+    def from_spec(cls, spec: dict, *, device: Any = None, dtype: torch.dtype | None = None,
+                  requires_grad: bool = True) -> "Absorbed":
+        return cls(spec["in_features"], spec["out_features"], spec["into"], spec.get("replaces", "Linear"),
+                   device=device, dtype=dtype)
+
     def extra_repr(self) -> str:
         return f"into={self.into!r}"
 
 
-PREPARED_TYPES = (BDLinear, PivotLinear, Absorbed)
+PREPARED_TYPES = (PreparedModule,)
 
 
 def from_spec(spec: dict, *, device: Any = None, dtype: torch.dtype | None = None,
               requires_grad: bool = True) -> nn.Module:
     """An empty module of the kind and shapes ``spec`` describes (``dtype``: the plan's
     unless given; an :class:`Absorbed`'s marker: ``dtype``, else the default dtype)."""
-    kind = spec.get("type")
-    dt = dtype or _dtype(spec["dtype"]) if kind != "Absorbed" else None
-    if kind == "BDLinear":
-        return BDLinear(spec["in_features"], spec["out_features"], spec["tables"], spec["blocks"], device=device,
-                        dtype=dt, requires_grad=requires_grad, replaces=spec.get("replaces", "Linear"))
-    if kind == "PivotLinear":
-        return PivotLinear(spec["in_features"], spec["rank"], spec["out_features"], spec["bias"],
-                           spec["restore_order"], device=device, dtype=dt, requires_grad=requires_grad,
-                           replaces=spec.get("replaces", "Linear"))
-    if kind == "Absorbed":
-        return Absorbed(spec["in_features"], spec["out_features"], spec["into"], spec.get("replaces", "Linear"),
-                        device=device, dtype=dtype)
-    raise ValueError(f"bdpass: unknown prepared module type {kind!r} in a plan")
+    cls = PreparedModule._types.get(spec.get("type"))
+    if cls is None:
+        raise ValueError(f"bdpass: unknown prepared module type {spec.get('type')!r} in a plan")
+    return cls.from_spec(spec, device=device, dtype=dtype, requires_grad=requires_grad)

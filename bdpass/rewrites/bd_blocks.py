@@ -6,15 +6,11 @@ projection's columns that no BD head owns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..graph.linears import LinearSite
-from .bd_sources import Source
-
-if TYPE_CHECKING:
-    from .bd_factors import SetFactors
+from .bd_sources import SetFactors, Source
 
 
 def _rest(rows: torch.Tensor, d_in: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ backend recomputes them together whenever any of the component's weights changes
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -21,7 +20,7 @@ from ..graph.linears import LinearSite
 from ..identities import FactorizationError, bd_factors_with_rows, pivot_columns
 from .bd_blocks import source_tensors
 from .bd_plan import Component, Group
-from .bd_sources import Source
+from .bd_sources import SetFactors, Source
 
 
 # ---------------------------------------------------------------------------- factors
@@ -53,13 +52,6 @@ def _shared_rows(Wh: torch.Tensor) -> torch.Tensor:
     H, d_in, g = Wh.shape
     norm = Wh / Wh.flatten(1).norm(dim=1).clamp_min(1e-300)[:, None, None]
     return pivot_columns(norm.permute(0, 2, 1).reshape(H * g, d_in), g)
-
-
-@dataclass
-class SetFactors:
-    f: object                 # BdFactors of the set's heads
-    rows: torch.Tensor        # (T, g) rows of each table
-    table: list[int]          # table (local) of each head
 
 
 def form_factors(site: LinearSite, src: Source, form: str, args, budget: float) -> list[SetFactors]:

@@ -11,13 +11,16 @@ head sets, one per head size, in output-column order. Which rows ``S_t`` a head 
   gathered once and adjacent heads are one GEMM (the form that pays on CPUs; it costs
   accuracy: see :func:`bdpass.identities.shared_rows`).
 
-:meth:`HeadSet.head_table` maps each head of a set to its row set (pivot table) in a form.
+:meth:`HeadSet.head_table` maps each head of a set to its row set (pivot table) in a form;
+:class:`SetFactors` holds a head set's factors in a form.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
+
+import torch
 
 from .bd_plan import Component, Group
 
@@ -82,3 +85,11 @@ def _sources(comp: Component) -> dict[int, Source]:
         by_src[g.source][len(g.cols)].append(g)
     return {s: Source(s, [HeadSet(g, sorted(hs, key=lambda h: h.cols[0])) for g, hs in sorted(sizes.items())])
             for s, sizes in by_src.items()}
+
+
+@dataclass
+class SetFactors:
+    """The BD factors of one head set in one form."""
+    f: object                 # BdFactors of the set's heads
+    rows: torch.Tensor        # (T, g) rows of each table
+    table: list[int]          # table (local) of each head

@@ -39,7 +39,7 @@ class GraphEditor:
         self._maybe_dead: list[torch.fx.Node] = []
         self.removed_by: dict[str, int] = {}     # original node name -> rewrite index
         self._replaced: dict[torch.fx.Node, torch.fx.Node] = {}   # original node -> replacement
-        self.decisions: list = []      # what each rewrite decided (bdpass.rewrites.decisions)
+        self.decisions: list = []      # what each rewrite decided (bdpass.rules.Decision)
 
     @property
     def node_map(self) -> dict:

@@ -17,20 +17,24 @@ adapter into ``W`` is the better transformation and is left to the user.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
 from .. import cost, timing
 from ..graph.ops import canonical, dtype_of
 from ..identities import FactorizationError, pifa_factors
+from ..prepare.modules import Absorbed, PivotLinear
 from ..report import RewriteRecord, SkipRecord
+from ..rules import Decision, PlanContext, Rule
 from ..runtime import finalize_tensor
-from .decisions import PifaDecision
 from .editor import GraphEditor
-from .pifa_plan import KIND, Chain, _reshape_sizes, _static, find_chains, link_chains
+from .pifa_plan import KIND, Chain, find_chains, link_chains, reshape_sizes, static_value
 
-__all__ = ["KIND", "Chain", "find_chains", "link_chains", "select_chains", "decide_chain", "apply_chain"]
+__all__ = ["KIND", "Chain", "PifaRule", "PifaDecision", "find_chains", "link_chains", "select_chains",
+           "decide_chain"]
 
 
 def select_chains(found: Sequence[Chain], inputs: Sequence[torch.Tensor], budget_for: Callable[[Any], float],
@@ -69,28 +73,27 @@ def select_chains(found: Sequence[Chain], inputs: Sequence[torch.Tensor], budget
 
 
 def _column_order(chain: Chain, args: Sequence[torch.Tensor], error_budget: float) -> torch.Tensor:
+    """The chain's output column order ``[pivots, rest]`` (the pivots depend on its second
+    weight only, so a producer's own producer does not change them)."""
     f = pifa_factors(chain.first.weight_matrix(args), chain.second.weight_matrix(args),
                      chain.first.bias_vector(args), chain.second.bias_vector(args),
                      error_budget=error_budget)
     return torch.cat([f.pivots, f.rest])
 
 
-def _factors_fn(chain: Chain, error_budget: float, producer: Chain | None = None, restore_order: bool = True):
-    """(compute, tensors): the chain's exact factors (float64) from the graph's arguments,
-    and the list of derived inputs the rewritten graph reads, also exact."""
+def _factors(chain: Chain, args: Sequence[torch.Tensor], error_budget: float, producer: Chain | None = None,
+             input_order: torch.Tensor | None = None):
+    """The chain's exact factors (float64) from the graph's arguments; with a ``producer``,
+    its first weight's rows in the producer's column order (``input_order``, computed if not
+    given)."""
     first, second = chain.first, chain.second
-
-    def compute(args: Sequence[torch.Tensor]):
-        A = first.weight_matrix(args)
-        if producer is not None:    # inputs arrive in the producer's column order
-            A = A[_column_order(producer, args, error_budget).to(A.device)]
-        return pifa_factors(A, second.weight_matrix(args), first.bias_vector(args), second.bias_vector(args),
-                            dtype=torch.float64, error_budget=error_budget)
-
-    def tensors(args: Sequence[torch.Tensor]) -> list:
-        return _derived(compute(args), restore_order)
-
-    return compute, tensors
+    A = first.weight_matrix(args)
+    if producer is not None:    # inputs arrive in the producer's column order
+        if input_order is None:
+            input_order = _column_order(producer, args, error_budget)
+        A = A[input_order.to(A.device)]
+    return pifa_factors(A, second.weight_matrix(args), first.bias_vector(args), second.bias_vector(args),
+                        dtype=torch.float64, error_budget=error_budget)
 
 
 def _derived(f, restore_order: bool = True) -> list:
@@ -118,7 +121,7 @@ def _param_counts(chain: Chain) -> tuple[int, int]:
 def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budget: float,
                  min_saving: float, cost_model: bool = True, restore_order: bool = True, factors=None):
     """Whether a chain is rewritten: saving, cost and factorization at the example weights.
-    Returns a SkipRecord, or the factors (reused by ``apply_chain``; pass them back in
+    Returns a SkipRecord, or the factors (reused by ``PifaRule.plan``; pass them back in
     ``factors`` to judge the chain again without refactorizing)."""
     first, second = chain.first, chain.second
     before, after = _param_counts(chain)
@@ -132,7 +135,7 @@ def decide_chain(editor_inputs: Sequence[torch.Tensor], chain: Chain, error_budg
                                             f"min_saving={100 * min_saving:.2g}%", nodes=nodes)
     if factors is None:
         try:
-            factors = _factors_fn(chain, error_budget)[0](editor_inputs)
+            factors = _factors(chain, editor_inputs, error_budget)
         except FactorizationError as e:
             return SkipRecord(KIND, chain.site, str(e), nodes=nodes)
     if cost_model:
@@ -178,66 +181,130 @@ def _cost_objection(chain: Chain, f, restore_order: bool) -> str | None:
             f"{timing.machine(dev)} at {M} tokens (needs >= {1 / (1 - cost.MARGIN):.2f}x)")
 
 
-def apply_chain(editor: GraphEditor, chain: Chain, index: int, budget_for: Callable[[Any], float],
-                producer: Chain | None = None, restore_order: bool = True, factors=None) -> RewriteRecord:
-    """Rewrite one accepted chain (see ``decide_chain``).
+@dataclass
+class PifaDecision(Decision):
+    """A low-rank chain rewritten by PIFA."""
+    rule: ClassVar[str] = KIND
+    tensor_fields: ClassVar[tuple[str, ...]] = ("input_order", "factors")
+    chain: Chain | None = None
+    producer: Chain | None = None           # the chain whose column order this one's input arrives in
+    input_order: torch.Tensor | None = None  # that order (absorbed by this chain's first weight)
+    restore_order: bool = True              # False: the output stays in [pivots, rest] order
+    factors: Any = None                     # identities.PifaFactors (float64) at the example weights
 
-    ``producer``: a rewritten chain whose output, in its concatenated column order, feeds
-    this chain's first linear through element-wise ops; this chain's first weight absorbs
-    that order. ``restore_order=False``: the consumer absorbs this chain's order, so the
-    output stays in concatenated order (no gather pass). ``factors``: those computed by
-    ``decide_chain`` (valid only without a producer)."""
+    @property
+    def weights(self) -> list[str]:
+        return [p.name for s in (self.chain.first, self.chain.second) for p in (s.weight, s.bias) if p is not None]
+
+
+def _record(chain: Chain, f, restore_order: bool) -> RewriteRecord:
     first, second = chain.first, chain.second
     r, d_in, d_out = chain.rank, first.d_in, second.d_out
-    import inductor_lowerings  # noqa: F401  (registers the ops)
-
-    error_budget = budget_for(_compute_dtype(chain))
-    compute, tensors_fn = _factors_fn(chain, error_budget, producer, restore_order)
-    f = factors if (factors is not None and producer is None) else compute(editor.example_inputs)
-    linked = (first, second) + ((producer.first, producer.second) if producer is not None else ())
-    sources = [s.weight.index for s in linked] + [s.bias.index for s in linked if s.bias is not None]
-    editor.current_rewrite = index
-    derived = editor.add_derived(f"pifa{index}", sources, tensors_fn, _derived(f, restore_order),
-                                 dtype=_compute_dtype(chain), device=second.weight.tensor.device)
-    target = editor.new(second.output)
-    linear = torch._C._nn.linear
-    with editor.graph.inserting_before(target):
-        x = editor.new(first.input)
-        if restore_order:
-            # pivot columns and the others each written straight to their places
-            y = editor.call(torch.ops.bdpass.pivot_linear.default, (x, *derived), origin=second.output)
-        else:
-            w_p, b_p, c_t, b_r = derived
-            yp = editor.call(linear, (x, w_p, b_p), origin=first.output)
-            yr = editor.call(linear, (yp, c_t, b_r), origin=second.output)
-            y = editor.call(torch.cat, ([yp, yr], -1), origin=second.output)
-        for m in chain.between:
-            args = [y] + [editor.new(a) for a in m.args[1:]]
-            kwargs = {k: editor.new(v) for k, v in m.kwargs.items()}
-            if canonical(m) == "reshape":
-                orig_sizes = _reshape_sizes(m)
-                sizes = [editor.new(s) for s in orig_sizes]
-                if _static(orig_sizes[-1]) == r:
-                    sizes[-1] = d_out
-                args, kwargs = [y, sizes], {}
-            y = editor.call(m.target, tuple(args), kwargs, origin=m, method=(m.op == "call_method"))
-    editor.replace(second.output, y)
-    removed = [second.output, second.core, *reversed(chain.between), first.output, first.core]
-    removed = [n for n in dict.fromkeys(removed)]
-    editor.discard(removed, index)
-    editor.current_rewrite = None
-    has_bias = first.bias is not None or second.bias is not None
     before, after = _param_counts(chain)
-    record = RewriteRecord(
-        kind=KIND, site=chain.site,
-        params_before=before,
-        params_after=after,
+    return RewriteRecord(
+        kind=KIND, site=chain.site, params_before=before, params_after=after,
         flops_saved=2 * r * r, cond=float(f.cond), error_bound=float(f.error_bound),
         expected_growth=float(f.expected_growth),
-        details={"d_in": d_in, "r": r, "d_out": d_out, "bias": has_bias,
+        details={"d_in": d_in, "r": r, "d_out": d_out, "bias": first.bias is not None or second.bias is not None,
                  "weights": [first.weight.name, second.weight.name],
                  "column_order": "restored" if restore_order else "absorbed by the next chain",
-                 "nodes": [first.core.name, second.core.name]},
-    )
-    editor.decisions.append(PifaDecision(chain, producer, restore_order, f, record, error_budget))
-    return record
+                 "nodes": [first.core.name, second.core.name]})
+
+
+class PifaRule(Rule):
+    """PIFA on low-rank chains (:mod:`bdpass.rewrites.pifa_plan` finds them)."""
+    name = KIND
+    kinds = (KIND,)
+    modules = (PivotLinear, Absorbed)
+
+    def plan(self, ctx: PlanContext) -> list[PifaDecision]:
+        opts, args = ctx.opts, ctx.example_inputs
+        found, skips = find_chains(ctx.free_linears())
+        ctx.report.skipped.extend(skips)
+        kept = []
+        for c in found:
+            why = ctx.refusal([c.first, c.second])
+            if why:
+                ctx.report.skipped.append(SkipRecord(KIND, c.site, why, nodes=[c.first.core.name, c.second.core.name]))
+            else:
+                kept.append(c)
+        chains, factors, links, skips = select_chains(kept, args, opts.budget_for, opts.min_saving, opts.cost_model)
+        ctx.report.skipped.extend(skips)
+        producer_of = {c: p for p, c in links.items()}
+        out = []
+        for k, chain in enumerate(chains):
+            prod = chains[producer_of[k]] if k in producer_of else None
+            restore = k not in links
+            budget = opts.budget_for(_compute_dtype(chain))
+            order = None if prod is None else _column_order(prod, args, budget)
+            f = factors[k] if prod is None else _factors(chain, args, budget, prod, order)
+            linked = (chain.first, chain.second) + ((prod.first, prod.second) if prod is not None else ())
+            sources = tuple(sorted({s.weight.index for s in linked} | {s.bias.index for s in linked if s.bias}))
+
+            def recompute(a, chain=chain, prod=prod, restore=restore, budget=budget):
+                return _derived(_factors(chain, a, budget, prod), restore)
+            unit = [chain] + ([prod] if prod is not None else []) + ([chains[links[k]]] if k in links else [])
+            out.append(PifaDecision(
+                records=[_record(chain, f, restore)],
+                nodes=frozenset(n.core.name for c in unit for n in (c.first, c.second)),
+                tensors=_derived(f, restore), recompute=recompute, derived_from=sources,
+                dtype=_compute_dtype(chain), device=chain.second.weight.tensor.device, error_budget=budget,
+                chain=chain, producer=prod, input_order=order, restore_order=restore, factors=f))
+            ctx.claimed.update((chain.first.core, chain.second.core))
+        return out
+
+    def rewrite(self, editor: GraphEditor, d: PifaDecision, index: int) -> None:
+        """``d.producer``: a rewritten chain whose output, in its concatenated column order,
+        feeds this chain's first linear through element-wise ops; this chain's first weight
+        absorbed that order. ``d.restore_order=False``: the consumer absorbs this chain's
+        order, so the output stays in concatenated order (no gather pass)."""
+        import inductor_lowerings  # noqa: F401  (registers the ops)
+
+        chain = d.chain
+        first, second = chain.first, chain.second
+        r, d_out = chain.rank, second.d_out
+        editor.current_rewrite = index
+        derived = editor.add_derived(f"pifa{index}", d.derived_from, d.recompute, d.tensors, dtype=d.dtype,
+                                     device=d.device)
+        target = editor.new(second.output)
+        linear = torch._C._nn.linear
+        with editor.graph.inserting_before(target):
+            x = editor.new(first.input)
+            if d.restore_order:
+                # pivot columns and the others each written straight to their places
+                y = editor.call(torch.ops.bdpass.pivot_linear.default, (x, *derived), origin=second.output)
+            else:
+                w_p, b_p, c_t, b_r = derived
+                yp = editor.call(linear, (x, w_p, b_p), origin=first.output)
+                yr = editor.call(linear, (yp, c_t, b_r), origin=second.output)
+                y = editor.call(torch.cat, ([yp, yr], -1), origin=second.output)
+            for m in chain.between:
+                margs = [y] + [editor.new(a) for a in m.args[1:]]
+                kwargs = {k: editor.new(v) for k, v in m.kwargs.items()}
+                if canonical(m) == "reshape":
+                    orig_sizes = reshape_sizes(m)
+                    sizes = [editor.new(s) for s in orig_sizes]
+                    if static_value(orig_sizes[-1]) == r:
+                        sizes[-1] = d_out
+                    margs, kwargs = [y, sizes], {}
+                y = editor.call(m.target, tuple(margs), kwargs, origin=m, method=(m.op == "call_method"))
+        editor.replace(second.output, y)
+        removed = [second.output, second.core, *reversed(chain.between), first.output, first.core]
+        editor.discard(list(dict.fromkeys(removed)), index)
+        editor.current_rewrite = None
+
+    def refit(self, d: PifaDecision, args: Sequence[torch.Tensor]) -> PifaDecision:
+        order = None if d.producer is None else _column_order(d.producer, args, d.error_budget)
+        f = _factors(d.chain, args, d.error_budget, d.producer, order)
+        return dataclasses.replace(d, records=[_record(d.chain, f, d.restore_order)], factors=f,
+                                   tensors=_derived(f, d.restore_order), input_order=order)
+
+    def module_edits(self, decisions, args, idx, graph):
+        from .pifa_modules import module_edits
+
+        return module_edits(decisions, args, idx, graph)
+
+    def shard_module(self, path, spec, how, get, rank, world, split_of):
+        from .pifa_modules import shard_module
+
+        return shard_module(path, spec, how, get, rank, world, split_of)

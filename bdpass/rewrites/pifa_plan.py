@@ -78,13 +78,13 @@ def _passthrough_ok(node: torch.fx.Node, r: int) -> str | None:
             want = dt[0]
         return None if want == dtype_of(src) else "dtype cast between the linears"
     if name == "reshape":
-        sizes = _reshape_sizes(node)
+        sizes = reshape_sizes(node)
         if sizes is None:
             return f"{node.name}: unsupported view arguments"
-        last = _static(sizes[-1])
+        last = static_value(sizes[-1])
         if not (last == r or last == -1):
             return f"{node.name}: view does not keep the channel dimension"
-        if last == -1 and any(_static(s) == -1 for s in sizes[:-1]):
+        if last == -1 and any(static_value(s) == -1 for s in sizes[:-1]):
             return f"{node.name}: ambiguous view"
         return None
     if name == "flatten":
@@ -105,14 +105,14 @@ def _passthrough_ok(node: torch.fx.Node, r: int) -> str | None:
     return f"{node.name} ('{what}') between the linears: only ops on leading dims are supported"
 
 
-def _static(v: Any) -> Any:
+def static_value(v: Any) -> Any:
     """An int size argument, or the hint of a SymInt-valued node."""
     if isinstance(v, torch.fx.Node):
         return size_hint(example_value(v))
     return v
 
 
-def _reshape_sizes(node: torch.fx.Node) -> list | None:
+def reshape_sizes(node: torch.fx.Node) -> list | None:
     rest = list(node.args[1:])
     if "shape" in node.kwargs or "size" in node.kwargs:
         rest = [node.kwargs.get("shape", node.kwargs.get("size"))]
