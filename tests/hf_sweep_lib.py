@@ -436,15 +436,15 @@ def _verdict_difference(rep, planned) -> tuple[dict, dict, dict]:
     """({kind: nodes that need a verdict and have none}, {kind: nodes with a verdict that the
     yardstick does not ask for}, {kind: nodes that need one}), per graph as ``check_report``
     compares them."""
-    from bdpass.graph import contractions
+    import verdict_yardstick
 
     missing: dict[str, list] = {}
     extra: dict[str, list] = {}
     totals: Counter = Counter()
     for g in rep.graphs:
         gm, _, ex, _ = g.graphs_kept
-        expected = contractions.expected_verdicts(gm, ex)
-        got = contractions.verdict_nodes(g, planned.get(gm.graph, {}))
+        expected = verdict_yardstick.expected_verdicts(gm, ex)
+        got = verdict_yardstick.verdict_nodes(g, planned.get(gm.graph, {}))
         for k in ("bd_qk", "bd_vo", "pifa"):
             missing.setdefault(k, []).extend(sorted(expected[k] - got.get(k, set())))
             extra.setdefault(k, []).extend(sorted(got.get(k, set()) - expected[k]))

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import bdpass
 import zoo
+import verdict_yardstick
 from attention_models import MHA
 from bdpass.graph import contractions
 from bdpass.graph.layout import analyze
@@ -79,8 +80,8 @@ def check_report(rep, planned, kinds=("bd_qk", "bd_vo", "pifa")) -> dict:
     total: Counter = Counter()
     for g in rep.graphs:
         gm, _, ex, _ = g.graphs_kept
-        expected = contractions.expected_verdicts(gm, ex)
-        got = contractions.verdict_nodes(g, planned.get(gm.graph, {}))
+        expected = verdict_yardstick.expected_verdicts(gm, ex)
+        got = verdict_yardstick.verdict_nodes(g, planned.get(gm.graph, {}))
         for k in kinds:
             assert got.get(k, set()) == expected[k], (k, sorted(expected[k]), sorted(got.get(k, set())), str(rep))
             total[k] += len(expected[k])
@@ -111,8 +112,8 @@ def planner_verdicts(model, args, kwargs=None):
                 planned.setdefault((g.kind, g.site), set()).update(g.nodes)
         for ch in chains:
             planned.setdefault(("pifa", ch.site), set()).update({ch.first.core.name, ch.second.core.name})
-        expected = contractions.expected_verdicts(gm, ex)
-        got = contractions.verdict_nodes(report)
+        expected = verdict_yardstick.expected_verdicts(gm, ex)
+        got = verdict_yardstick.verdict_nodes(report)
         for (kind, _), nodes in planned.items():     # handed on to the rewrites: their verdicts
             got.setdefault(kind, set()).update(nodes)
         for k, v in expected.items():

@@ -3,7 +3,8 @@
 It finds them without the channel-layout analysis (:mod:`.layout`) and without the
 linear-site matcher (:mod:`.linears`), from op names and data flow alone, and it is the
 yardstick against which "every attention and every linear-of-linear got a verdict" is
-checked (``tests/test_verdicts.py``, the architecture sweep). It is not independent of the
+checked (``tests/verdict_yardstick.py``, used by ``tests/test_verdicts.py`` and the
+architecture sweep). It is not independent of the
 verdicts in one respect: :mod:`.layout` takes :func:`find_attention`'s list to give each
 attention a QK and an AV verdict (or an "unmatched" one), so an attention that this module
 does not recognise is missed by both, silently. What narrows that gap is the spelling
@@ -244,30 +245,3 @@ def weight_nodes(gm: torch.fx.GraphModule, example_inputs) -> set:
     from .params import find_params
 
     return set(find_params(gm, example_inputs))
-
-
-# ---------------------------------------------------------------------------- verdicts
-def verdict_nodes(graph_report, planned: dict | None = None) -> dict[str, set[str]]:
-    """{kind: names of the graph nodes some verdict of ``graph_report`` is about}.
-
-    A skip names its nodes (``SkipRecord.nodes``); a rewrite names them in
-    ``details["nodes"]`` when its rewrite records them. ``planned`` maps ``(kind, site)``
-    to node names (what the planners handed on), for verdicts that carry only their site."""
-    out: dict[str, set[str]] = {}
-    for rec in list(graph_report.skipped) + list(graph_report.rewrites):
-        nodes = set(getattr(rec, "nodes", None) or [])
-        details = getattr(rec, "details", None) or {}
-        nodes |= set(details.get("nodes", []) or [])
-        if planned:
-            nodes |= set(planned.get((rec.kind, rec.site), ()))
-        out.setdefault(rec.kind, set()).update(nodes)
-    return out
-
-
-def expected_verdicts(gm: torch.fx.GraphModule, example_inputs) -> dict[str, set[str]]:
-    """{kind: names of the nodes that must have a verdict}: score contractions (bd_qk),
-    value contractions (bd_vo), and both linears of every linear-of-linear (pifa)."""
-    att = find_attention(gm)
-    chains = find_linear_chains(gm, weight_nodes(gm, example_inputs))
-    return {"bd_qk": {a.score.name for a in att}, "bd_vo": {a.value.name for a in att},
-            "pifa": {n.name for pair in chains for n in pair}}
