@@ -75,8 +75,10 @@ def no_factorization(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("a factorization was computed")
 
-    monkeypatch.setattr(bdpass.backend, "rewrite_graph", forbidden)
-    monkeypatch.setattr(bdpass.prepare.apply, "rewrite_graph", forbidden)
+    for name in ("rewrite_graph", "plan_decisions", "decide_graph", "refit_graph"):
+        monkeypatch.setattr(bdpass.backend, name, forbidden)
+    for name in ("decide_graph", "refit_graph"):
+        monkeypatch.setattr(bdpass.prepare.apply, name, forbidden)
     for name in ("qr", "svd", "solve", "inv", "lstsq", "lu_factor"):
         monkeypatch.setattr(torch.linalg, name, forbidden)
 
