@@ -14,7 +14,7 @@ from . import diff  # callable: bdpass.diff(model, *args, options=None, **kwargs
 from .options import BDOptions
 from . import prepare  # callable: bdpass.prepare(model, *args, options=None, inplace=True, **kwargs)
 from .prepare import (Absorbed, BDLinear, PivotLinear, PrepareReport, apply_plan, from_pretrained, load_prepared,
-                      plan_of, save_prepared)
+                      plan_of, prepare_folder, save_prepared)
 from .report import GraphReport, Report, RewriteRecord, SkipRecord
 from . import shard  # tensor-parallel shards of a prepared model (docs/serving.md)
 from .shard import ShardError, load_sharded
@@ -31,5 +31,6 @@ _hf_quantizer.install()
 
 __all__ = ["bd_backend", "explain", "collect_reports", "BDOptions", "Report", "GraphReport",
            "RewriteRecord", "SkipRecord", "VerificationError", "prepare", "PrepareReport", "save_prepared",
-           "load_prepared", "from_pretrained", "plan_of", "apply_plan", "BDLinear", "PivotLinear", "Absorbed",
+           "load_prepared", "from_pretrained", "plan_of", "apply_plan", "prepare_folder", "BDLinear",
+           "PivotLinear", "Absorbed",
            "shard", "load_sharded", "ShardError", "diff", "__version__"]

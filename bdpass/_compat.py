@@ -1,6 +1,7 @@
 """The private torch internals that bdpass touches and that move between releases, in one
 place: Dynamo's sources and restarts, Inductor's compile entry and mode options, fake
-tensors, DTensor, structured tracing, the export flag, guards on module attributes.
+tensors, DTensor, structured tracing, the export flag, guards on module attributes; and
+one private module of transformers (its checkpoint loading, for ``bdpass prepare``).
 
 Supported range: torch 2.11 (the GPU image) up to the newest PyPI release; anything
 version-dependent is resolved here so that the rest of the package uses plain functions.
@@ -282,3 +283,34 @@ def module_relative_name(source_text: str | None) -> str | None:
     if path:
         return path
     return qualified_name(root) if root else None
+
+
+# ----------------------------------------------------------------------------- transformers loading
+def load_checkpoint_tensors(model: Any, tensors: dict, dtype: Any) -> None:
+    """Load checkpoint tensors (``name -> tensor or safetensors slice``, names as the
+    checkpoint spells them) into ``model`` (a transformers model, on the meta device where not
+    yet loaded) the way ``from_pretrained`` does: through transformers' weight conversions
+    (per-expert checkpoint tensors fused into one parameter, renamings), available from
+    transformers 5 (``transformers.core_model_loading``, a private module). Without it, names
+    must match the model's ``state_dict`` names and each tensor is assigned as it is."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:
+        convert_and_load_state_dict_in_model = None
+    if convert_and_load_state_dict_in_model is not None:
+        config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
+        convert_and_load_state_dict_in_model(model, tensors, config)
+        return
+    own = model.state_dict(keep_vars=True)
+    for name, t in tensors.items():
+        if name not in own:
+            continue
+        value = t[...] if not isinstance(t, torch.Tensor) else t
+        owner, _, attr = name.rpartition(".")
+        m = model.get_submodule(owner) if owner else model
+        if attr in m._parameters:
+            m._parameters[attr] = torch.nn.Parameter(value.to(own[name].dtype), requires_grad=False)
+        else:
+            m._buffers[attr] = value.to(own[name].dtype)

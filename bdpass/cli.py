@@ -3,6 +3,7 @@
     bdpass diff path/to/file.py:factory [--options key=value ...] [--dtype D] [--json [FILE]] [--html FILE]
     bdpass diff hf:gpt2 [--set key=value ...] [--options key=value ...]
     bdpass cache show | clear | path
+    bdpass prepare SRC DST [--options key=value ...] [--tokens N] [--dtype D]
 
 ``factory()`` returns ``(model, args)`` or ``(model, args, kwargs)``. ``hf:<model_type>``
 builds a small randomly initialised Hugging Face text model offline from
@@ -16,6 +17,11 @@ one line.
 ``bdpass cache`` manages the timing cache of the cost model (``bdpass.timing``): ``show``
 lists its entries (problem, ratio and interval of each candidate, the floors' spreads,
 whether the measurement was sure, age), ``clear`` removes them, ``path`` prints the file.
+
+``bdpass prepare`` prepares a transformers checkpoint folder (config and safetensors) layer
+by layer into ``DST``, which ``AutoModelForCausalLM.from_pretrained(DST)`` loads after
+``import bdpass`` (:func:`bdpass.prepare.stream.prepare_folder`; ``--options`` as for
+``bdpass.prepare``, e.g. ``cost_model=true`` or ``error_budget=10``).
 
 Values of ``--set`` / ``--options`` are parsed as int, float, bool (true/false), None
 (none/null), a JSON list or object, or else kept as a string.
@@ -368,11 +374,44 @@ def cmd_cache(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "prepare", help="prepare a transformers checkpoint folder layer by layer",
+        description="Read a transformers checkpoint folder (config.json, safetensors) and write the "
+                    "prepared folder, one block of the layer stack at a time; load it with "
+                    "AutoModelForCausalLM.from_pretrained(DST) after import bdpass.")
+    p.add_argument("src", help="checkpoint folder to read")
+    p.add_argument("dst", help="folder to write (new or empty)")
+    p.add_argument("--options", action="append", metavar="KEY=VALUE",
+                   help="prepare option, e.g. error_budget=10, cost_model=true, share_analysis=false (repeatable)")
+    p.add_argument("--tokens", type=int, default=16, help="length of the example token ids (default 16)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="dtype to compute in while preparing (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example token ids")
+    return p
+
+
+def cmd_prepare(ns: argparse.Namespace) -> int:
+    import torch
+
+    from .prepare.stream import prepare_folder
+
+    options = parse_pairs(ns.options, "--options")
+    try:
+        rep = prepare_folder(ns.src, ns.dst, options or None, tokens=ns.tokens, seed=ns.seed,
+                             dtype=getattr(torch, ns.dtype) if ns.dtype else None)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        raise CliError(" ".join(str(e).split())) from None
+    print(rep)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bdpass", description="bdpass: tools for the bd torch.compile backend")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _diff_parser(sub)
     _cache_parser(sub)
+    _prepare_parser(sub)
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()
@@ -382,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_diff(ns)
         if ns.command == "cache":
             return cmd_cache(ns)
+        if ns.command == "prepare":
+            return cmd_prepare(ns)
     except CliError as e:
         print(f"bdpass {ns.command}: error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ transformers quantization method; :func:`from_pretrained` also reads older folde
 Modules: :mod:`.capture` (the compiled run, graph instances, layer splitting), :mod:`.edits`
 (decisions to module edits and their checks), :mod:`.modules` (the replacing modules),
 :mod:`.apply` (``prepare`` and its report), :mod:`.checkpoint` (plans and files),
-:mod:`.hf_quantizer` (the transformers quantization method).
+:mod:`.hf_quantizer` (the transformers quantization method), :mod:`.stream` (a checkpoint
+folder prepared layer by layer: :func:`prepare_folder`, ``bdpass prepare SRC DST``).
 """
 from .._callable import make_callable as _make_callable
 from .apply import PrepareReport, prepare, state_bytes
@@ -24,9 +25,11 @@ from .checkpoint import (METADATA_KEY, PLAN_FORMAT, apply_plan, from_pretrained,
                          save_prepared)
 from .edits import NotPreparable
 from .modules import Absorbed, BDLinear, PivotLinear
+from .stream import FolderReport, prepare_folder
 
 __all__ = ["prepare", "PrepareReport", "NotPreparable", "save_prepared", "load_prepared", "from_pretrained",
-           "plan_of", "apply_plan", "read_plan", "state_bytes", "BDLinear", "PivotLinear", "Absorbed",
+           "plan_of", "apply_plan", "read_plan", "state_bytes", "prepare_folder", "FolderReport", "BDLinear",
+           "PivotLinear", "Absorbed",
            "PLAN_FORMAT", "METADATA_KEY"]
 
 

@@ -165,11 +165,26 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplac
     ``no_grad``; ``torch._dynamo.reset()`` is called before and after. What was prepared,
     and what could not be and why, is in ``model.bdpass_report`` (:class:`PrepareReport`).
     A prepared model is static: its factors are not recomputed if weights change."""
-    from .checkpoint import plan_of, set_config_plan
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"bdpass.prepare: expected an nn.Module, got {type(model).__name__}")
     opts, own = _split_options(options)
+    return _prepare(model, example_args, example_kwargs, opts, own, inplace, {})
+
+
+def _graph_key(gm: torch.fx.GraphModule, args: list) -> tuple:
+    """Graphs of the same code called with inputs of the same shapes and dtypes decide alike
+    (the layers of a stack, in one ``prepare`` or in several)."""
+    return (gm.code, tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, torch.Tensor)
+                           else repr(t) for t in args))
+
+
+def _prepare(model: nn.Module, example_args: tuple, example_kwargs: dict, opts: BDOptions, own: dict,
+             inplace: bool, shared: dict) -> nn.Module:
+    """:func:`prepare`; ``shared`` maps graph keys (:func:`_graph_key`) to the first
+    instance's report and decisions (without tensors), and may be carried from one call to
+    the next (the blocks of a checkpoint prepared one at a time)."""
+    from .checkpoint import plan_of, set_config_plan
+
     model = getattr(model, "_orig_mod", model)
     if not inplace:
         model = copy.deepcopy(model)
@@ -192,9 +207,8 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplac
     # 2. compiled run: analyse each instance, apply its edits
     edited = TensorRegistry()
     times = {"analysis": 0.0, "edits": 0.0}
-    # graph -> (graph, its first instance's report, its decisions without tensors): the other
-    # instances of a graph (the other layers of a stack) refit those decisions to their weights
-    shared: dict[int, tuple] = {}
+    # shared: graph key -> (its first instance's report, its decisions without tensors): the
+    # other instances of a graph (the other layers of a stack) refit those decisions
 
     def before_call(a: list) -> None:
         for t in a:
@@ -208,13 +222,15 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Any = None, inplac
         with torch.no_grad():
             out = gm.forward(*a)
         t1 = time.perf_counter()
-        first = shared.get(id(gm)) if own["share_analysis"] else None
+        key = _graph_key(gm, a) if own["share_analysis"] else None
+        first = shared.get(key) if key is not None else None
         try:
-            if first is not None and first[0] is gm:
-                report, decisions = refit_graph(first[1], first[2], a, opts, index)
+            if first is not None:
+                report, decisions = refit_graph(first[0], first[1], a, opts, index)
             else:
                 report, decisions = decide_graph(gm, a, opts, index)
-                shared[id(gm)] = (gm, report, [d.without_tensors() for d in decisions])
+                if key is not None:
+                    shared[key] = (report, [d.without_tensors() for d in decisions])
         except Exception as e:
             if opts.strict:
                 raise

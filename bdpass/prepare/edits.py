@@ -196,7 +196,8 @@ def module_site(site: LinearSite, args: Sequence[Any], idx: ModelIndex) -> Backe
     if kind == "Conv1D" and (site.weight_is_out_in or site.weight_ops or site.reshaped):
         return f"{path}: its weight is not applied as Conv1D applies it"
     inner = innermost_module(site.core)
-    if inner is None or not same_type(inner[1], type(m)) or (path and last_component(inner[0]) != path.rsplit(".", 1)[-1]):
+    if inner is None or not same_type(inner[1], type(m)) or \
+            (path and last_component(inner[0]) != path.rsplit(".", 1)[-1]):
         return f"the linear reading {wname} is not computed inside {path or 'the model'}'s forward"
     if _has_hooks(m):
         return f"{path} has hooks (a replacement would not run them)"
