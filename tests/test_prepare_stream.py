@@ -123,4 +123,4 @@ def test_cli_and_errors(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert cli.main(["prepare", str(tmp_path / "empty"), str(tmp_path / "dst2")]) == 2
-    assert "bdpass prepare" in capsys.readouterr().err
+    assert "holds no config.json" in capsys.readouterr().err and not (tmp_path / "dst2").exists()

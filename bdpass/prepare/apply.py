@@ -38,7 +38,7 @@ from ..graph.linears import common_module_path
 from ..options import BDOptions
 from ..report import GraphReport, Report
 from ..runtime import _flat_tensors, compare_outputs
-from .capture import TensorRegistry, run_captured
+from .capture import CaptureSession, TensorRegistry, run_captured
 from .edits import ModelIndex, NotPreparable, ReadCounter, apply_edit, edits_for
 
 log = logging.getLogger("bdpass")
@@ -179,10 +179,12 @@ def _graph_key(gm: torch.fx.GraphModule, args: list) -> tuple:
 
 
 def _prepare(model: nn.Module, example_args: tuple, example_kwargs: dict, opts: BDOptions, own: dict,
-             inplace: bool, shared: dict) -> nn.Module:
+             inplace: bool, shared: dict, session: CaptureSession | None = None) -> nn.Module:
     """:func:`prepare`; ``shared`` maps graph keys (:func:`_graph_key`) to the first
     instance's report and decisions (without tensors), and may be carried from one call to
-    the next (the blocks of a checkpoint prepared one at a time)."""
+    the next (the blocks of a checkpoint prepared one at a time), as may ``session`` (the
+    capturing backend and Dynamo's cache: a block of a kind already traced is not traced
+    again)."""
     from .checkpoint import plan_of, set_config_plan
 
     model = getattr(model, "_orig_mod", model)
@@ -266,7 +268,7 @@ def _prepare(model: nn.Module, example_args: tuple, example_kwargs: dict, opts: 
 
     t0 = time.perf_counter()
     _, rep.graphs_compiled = run_captured(model, example_args, example_kwargs, on_instance, before_call,
-                                          split_layers=own["split_layers"])
+                                          split_layers=own["split_layers"], session=session)
     t_run = time.perf_counter() - t0
     rep.seconds = {"total": time.perf_counter() - t_start, "eager read count": t_reads,
                    "compiled run": t_run, "analysis": times["analysis"],

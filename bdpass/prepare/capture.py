@@ -24,6 +24,7 @@ of a layer stack (attention pairs and low-rank chains live inside one block).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -33,7 +34,7 @@ import torch.nn as nn
 
 from ..graph.params import find_params
 
-__all__ = ["run_captured", "layer_blocks", "TensorRegistry"]
+__all__ = ["run_captured", "layer_blocks", "TensorRegistry", "CaptureSession"]
 
 
 class TensorRegistry:
@@ -69,50 +70,83 @@ def _break_graph(module: nn.Module, args: Any) -> None:
     torch._dynamo.graph_break()
 
 
+class CaptureSession:
+    """The capturing backend of one or more runs. Within one session, Dynamo's compiled code
+    serves every later run whose guards pass (the next block of a checkpoint prepared block by
+    block: the same code and shapes), so a kind of block is traced once; each graph call
+    with weights not seen before is a new instance, handed to the run's ``on_instance``."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+        self.instances = 0
+        self.on_instance: Callable | None = None
+        self.before_call: Callable | None = None
+        self.backend = self._make_backend()       # one object: Dynamo's cache checks the backend
+
+    def _make_backend(self) -> Callable:
+        session = self
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+            session.graphs += 1
+            weight_pos = sorted(p.index for p in find_params(gm, example_inputs).values())
+            seen: list[list[weakref.ref]] = []
+
+            def same(refs: list[weakref.ref], a: Sequence[Any]) -> bool:
+                return all(r() is a[i] for r, i in zip(refs, weight_pos))
+
+            def run(*a: Any) -> Any:
+                a = list(a)
+                if session.before_call is not None:
+                    session.before_call(a)
+                if any(same(refs, a) for refs in seen):
+                    return gm.forward(*a)
+                seen[:] = [refs for refs in seen if all(r() is not None for r in refs)]
+                seen.append([weakref.ref(a[i]) for i in weight_pos])
+                index = session.instances
+                session.instances += 1
+                return session.on_instance(gm, a, index)
+
+            return run
+
+        return backend
+
+    @contextlib.contextmanager
+    def limits(self):
+        """Dynamo's recompile limits raised for the runs (every layer may be a new instance)."""
+        with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit),
+                                        accumulated_recompile_limit=max(
+                                            4096, torch._dynamo.config.accumulated_recompile_limit)):
+            yield
+
+
 def run_captured(model: nn.Module, args: Sequence[Any], kwargs: dict,
                  on_instance: Callable[[torch.fx.GraphModule, list, int], Any],
                  before_call: Callable[[list], None] | None = None,
-                 split_layers: bool = True) -> tuple[Any, int]:
+                 split_layers: bool = True, session: CaptureSession | None = None) -> tuple[Any, int]:
     """Run ``model(*args, **kwargs)`` once, compiled, calling ``on_instance`` for each new
     (graph, weights) instance (see the module docstring) and ``before_call(args)`` before
-    every call of a compiled graph. Returns (the model's output, number of graphs)."""
-    state = {"graphs": 0, "instances": 0}
+    every call of a compiled graph. Returns (the model's output, number of graphs compiled).
 
-    def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        state["graphs"] += 1
-        weight_pos = sorted(p.index for p in find_params(gm, example_inputs).values())
-        seen: list[list[weakref.ref]] = []
-
-        def same(refs: list[weakref.ref], a: Sequence[Any]) -> bool:
-            return all(r() is a[i] for r, i in zip(refs, weight_pos))
-
-        def run(*a: Any) -> Any:
-            a = list(a)
-            if before_call is not None:
-                before_call(a)
-            if any(same(refs, a) for refs in seen):
-                return gm.forward(*a)
-            seen.append([weakref.ref(a[i]) for i in weight_pos])
-            index = state["instances"]
-            state["instances"] += 1
-            return on_instance(gm, a, index)
-
-        return run
-
+    ``session``: a :class:`CaptureSession` shared with earlier runs (the caller resets
+    Dynamo before the first and after the last); without one, Dynamo is reset before and
+    after this run."""
+    own = session is None
+    session = session or CaptureSession()
+    session.on_instance, session.before_call = on_instance, before_call
+    graphs0 = session.graphs
     hooks = []
     if split_layers:
         hooks = [m.register_forward_pre_hook(_break_graph) for _, m in layer_blocks(model)]
-    torch._dynamo.reset()
+    if own:
+        torch._dynamo.reset()
     try:
-        with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit),
-                                        accumulated_recompile_limit=max(
-                                            4096, torch._dynamo.config.accumulated_recompile_limit)), \
-                torch.no_grad():
-            compiled = torch.compile(model, backend=backend)
+        with session.limits(), torch.no_grad():
+            compiled = torch.compile(model, backend=session.backend)
             out = compiled(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-        torch._dynamo.reset()
-    return out, state["graphs"]
-
+        session.on_instance = session.before_call = None
+        if own:
+            torch._dynamo.reset()
+    return out, session.graphs - graphs0

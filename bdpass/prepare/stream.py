@@ -4,10 +4,10 @@
 safetensors, sharded or not) and writes the prepared folder, holding a few layers' weights
 at a time rather than the model:
 
-1. The model is built from the config on the meta device (no weights). Everything outside
-   the layer stack (embeddings, final norm, head, rotary tables) is loaded from the files;
-   the non-persistent buffers that the files do not hold (rotary ``inv_freq``) come from a
-   real one-layer model of the same config.
+1. The model is built from the config with its parameters on the meta device (no memory,
+   no initialization) and its buffers as the constructors compute them (rotary
+   ``inv_freq``, which the files do not hold). Everything outside the layer stack
+   (embeddings, final norm, head) is loaded from the files.
 2. The model runs once on example token ids (``use_cache=False``, no grad). Before a block
    of the layer stack runs, its weights are read from the files into it; after it ran (its
    output computed with the original weights goes on to the next block), the block is
@@ -27,11 +27,13 @@ would rewrite it.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +43,7 @@ import torch.nn as nn
 
 from .. import _compat
 from .apply import _prepare, _split_options
-from .capture import layer_blocks
+from .capture import CaptureSession, layer_blocks
 from .checkpoint import PLAN_FORMAT, _version
 from .modules import PreparedModule
 
@@ -136,27 +138,72 @@ def _peak_rss() -> int | None:
     return None
 
 
-def _load(model: nn.Module, files: _Files, pick: Any, tensors: list[tuple[str, torch.Tensor]],
-          donor: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> None:
+class _Writer:
+    """Writes safetensors files on a background thread, one file queued at most (so at most
+    two blocks' tensors are held: the one being written and the one being prepared)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="bdpass-prepare-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from safetensors.torch import save_file
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                t0 = time.perf_counter()
+                try:
+                    save_file(item[1], item[0], metadata={"format": "pt"})
+                except BaseException as e:      # re-raised by put / close
+                    self._error = e
+                self.seconds += time.perf_counter() - t0
+
+    def put(self, path: str, state: dict) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((path, state))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with their parameters on the meta device (no memory, no initialization)
+    and their buffers as their constructors compute them (rotary ``inv_freq``, which the
+    checkpoint does not hold)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: Any) -> None:
+        register(self, name, param)
+        p = self._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _load(model: nn.Module, files: _Files, pick: Any, params: list[str], dtype: torch.dtype, what: str) -> None:
     """Load the checkpoint tensors whose names ``pick`` accepts into ``model`` as
-    ``from_pretrained`` loads them (weight conversions included); then ``tensors`` (name,
-    tensor of ``model``) must all be loaded, a buffer the checkpoint does not hold (rotary
-    ``inv_freq``) taken from ``donor`` (relative name -> value)."""
+    ``from_pretrained`` loads them (weight conversions included); then the parameters
+    ``params`` (names in ``model``) must all be loaded."""
     _compat.load_checkpoint_tensors(model, {n: files.slice(n) for n in files.names() if pick(n)}, dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()      # a head tied to the embedding is not in the checkpoint
-    missing = []
-    with torch.no_grad():
-        for name, rel in tensors:
-            owner, _, attr = name.rpartition(".")
-            m = model.get_submodule(owner) if owner else model
-            t = m._parameters.get(attr) if attr in m._parameters else m._buffers.get(attr)
-            if t is None or t.device.type != "meta":
-                continue
-            if attr in m._buffers and rel in donor and donor[rel].shape == t.shape:
-                m._buffers[attr] = donor[rel].clone()
-            else:
-                missing.append(name)
+    missing = [n for n in params if model.get_parameter(n).device.type == "meta"]
     if missing:
         raise ValueError(f"bdpass prepare: the checkpoint lacks {len(missing)} tensor(s) of {what}, e.g. "
                          f"{missing[0]} (its names do not follow the model class built from config.json)")
@@ -174,17 +221,22 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
     ``attn_implementation``, ``experts_implementation``). Returns a :class:`FolderReport`;
     ``dst`` must not exist or be empty."""
     import transformers
-    from safetensors.torch import save_file
-
     t_start = time.perf_counter()
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("bdpass prepare: SRC and DST are the same folder")
     if os.path.exists(dst) and os.listdir(dst):
         raise FileExistsError(f"bdpass prepare: {dst} exists and is not empty")
-    os.makedirs(dst, exist_ok=True)
+    if not os.path.exists(os.path.join(src, "config.json")):
+        raise FileNotFoundError(f"bdpass prepare: {src} holds no config.json (a transformers checkpoint folder)")
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("quantization_config"):
+        raise ValueError(f"bdpass prepare: {src} is quantized ({cfg['quantization_config'].get('quant_method')!r});"
+                         f" bdpass prepares unquantized checkpoints")
     opts, own = _split_options(options)
     opts_block = dict(own, split_layers=False)   # a block is one graph of its own
+    os.makedirs(dst, exist_ok=True)
     model_class = model_class or transformers.AutoModelForCausalLM
     config = transformers.AutoConfig.from_pretrained(src)
     files = _Files(src)
@@ -194,32 +246,21 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
 
     # 1. the model without weights; the parts outside the stack from the files
     build = getattr(model_class, "from_config", None) or model_class._from_config
-    with torch.device("meta"):
+    with _parameters_on_meta():
         model = build(config, dtype=dtype, **(model_kwargs or {}))
     model.eval()
     blocks = layer_blocks(model)
     if not blocks:
         raise ValueError(f"bdpass prepare: {type(model).__name__} has no layer stack (an nn.ModuleList of blocks "
                          f"of one type); prepare it in memory with bdpass.prepare")
-    small_cfg = copy.deepcopy(config)
-    small_cfg.num_hidden_layers = 1
-    for k in ("layer_types", "mlp_layer_types"):
-        if isinstance(getattr(small_cfg, k, None), list):
-            setattr(small_cfg, k, getattr(small_cfg, k)[:1])
-    torch.manual_seed(seed)
-    donor_model = build(small_cfg, dtype=dtype, **(model_kwargs or {}))
-    donor = {n: b for n, b in donor_model.named_buffers()}
-    donor_block = dict(donor_model.get_submodule(blocks[0][0]).named_buffers())
-    del donor_model
     block_paths = {p for p, _ in blocks}
 
     def in_block(name: str) -> bool:
         return any(name.startswith(p + ".") for p in block_paths)
 
     t0 = time.perf_counter()
-    outside = [(n, n) for n, _ in list(model.named_parameters(remove_duplicate=False)) +
-               list(model.named_buffers(remove_duplicate=False)) if not in_block(n)]
-    _load(model, files, lambda n: not in_block(n), outside, donor, dtype, "the model outside its layer stack")
+    outside = [n for n, _ in model.named_parameters(remove_duplicate=False) if not in_block(n)]
+    _load(model, files, lambda n: not in_block(n), outside, dtype, "the model outside its layer stack")
     times["read"] += time.perf_counter() - t0
 
     # 2. the forward, block by block
@@ -238,8 +279,7 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
         t1 = time.perf_counter()
         pre_ = path + "."
         _load(model, files, lambda n: n.startswith(pre_),
-              [(pre_ + n, n) for n, _ in list(block.named_parameters()) + list(block.named_buffers())],
-              donor_block, dtype, path)
+              [pre_ + n for n, _ in block.named_parameters()], dtype, path)
         times["read"] += time.perf_counter() - t1
         stash[id(block)] = (args, kwargs)
 
@@ -251,7 +291,7 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
         t1 = time.perf_counter()
         busy.append(path)
         try:
-            _prepare(block, a, kw, opts, opts_block, True, shared)
+            _prepare(block, a, kw, opts, opts_block, True, shared, session)
         finally:
             busy.pop()
         r = block.bdpass_report
@@ -263,8 +303,9 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
         t2 = time.perf_counter()
         state = {f"{path}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
         fn = f"model-{path.replace('.', '-')}.safetensors"
-        save_file(state, os.path.join(dst, fn), metadata={"format": "pt"})
+        writer.put(os.path.join(dst, fn), state)      # written while the next block is read and prepared
         weight_map.update({k: fn for k in state})
+        del state
         for p, m in block.named_modules():
             if isinstance(m, PreparedModule):
                 spec = m.spec()
@@ -277,6 +318,18 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
         return out
 
     names = {id(m): p for p, m in blocks}
+    writer = _Writer()
+    rest = [n for n in files.names() if not in_block(n)]    # copied as they are, while the blocks run
+    rep.outside = rest
+    if rest:
+        state = {n: files.get(n) for n in rest}
+        rest_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        rep.bytes_before += rest_bytes
+        rep.bytes_after += rest_bytes
+        writer.put(os.path.join(dst, "model-outside-layers.safetensors"), state)
+        weight_map.update({n: "model-outside-layers.safetensors" for n in state})
+        del state
+    session = CaptureSession()      # one Dynamo cache for all blocks: a kind of block is traced once
     hooks = []
     for _, m in blocks:
         hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
@@ -284,37 +337,28 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
     vocab = int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size", 0) or 2)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, tokens), generator=g)
+    torch._dynamo.reset()
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
+        torch._dynamo.reset()
+        t2 = time.perf_counter()
+        writer.close()
+        times["write"] += time.perf_counter() - t2
     not_run = [p for p, _ in blocks if p not in rep.blocks]
     if not_run:
         raise RuntimeError(f"bdpass prepare: the example forward did not run block(s) {not_run[:3]}; "
                            f"prepare this model in memory with bdpass.prepare")
 
-    # 3. the rest, the config, the other files
+    # 3. the index, the config, the other files
     t3 = time.perf_counter()
-    rest = [n for n in files.names() if not in_block(n)]
-    rep.outside = rest
-    if rest:
-        state = {n: files.get(n) for n in rest}
-        rep.bytes_before += sum(t.numel() * t.element_size() for t in state.values())
-        rep.bytes_after += sum(t.numel() * t.element_size() for t in state.values())
-        save_file(state, os.path.join(dst, "model-outside-layers.safetensors"), metadata={"format": "pt"})
-        weight_map.update({n: "model-outside-layers.safetensors" for n in state})
-        del state
     total = sum(os.path.getsize(os.path.join(dst, f)) for f in set(weight_map.values()))
     with open(os.path.join(dst, _INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total, "format": "pt"}, "weight_map": weight_map}, f, indent=2)
     plan = {"format": PLAN_FORMAT, "bdpass_version": _version(), "modules": plan_modules, "folded": sorted(folded)}
-    with open(os.path.join(src, "config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("quantization_config"):
-        raise ValueError(f"bdpass prepare: {src} is quantized ({cfg['quantization_config'].get('quant_method')!r});"
-                         f" bdpass prepares unquantized checkpoints")
     cfg["quantization_config"] = {"quant_method": "bdpass", "plan": plan}
     cfg["bdpass"] = plan
     with open(os.path.join(dst, "config.json"), "w") as f:

@@ -1,0 +1,174 @@
+"""Preparing a DeepSeek-V2-Lite-shaped checkpoint folder with ``bdpass prepare SRC DST``,
+against copying the same files with ``cp -r``.
+
+    python benchmarks/prepare_folder_speed.py [--layers 6] [--dtype bfloat16] [--dir /tmp/bdpass_pfs]
+                                              [--tokens 16] [--out benchmarks/results/prepare_folder.json]
+
+The checkpoint has the real widths of DeepSeek-V2-Lite (hidden 2048, 16 heads, kv_lora_rank
+512, q_lora_rank None, head dims 128/64/128, layer 0 dense with intermediate 10944, the
+others MoE with 64 routed experts of width 1408 and 2 shared ones, vocabulary 102400) and
+``--layers`` layers (the real model has 27: 31 GB in bfloat16, more than this machine's disk
+holds twice), random weights, written with ``save_pretrained`` (5 GB shards). Then, each
+after ``sync`` and dropping the page cache (where allowed; the JSON says whether it was):
+
+* ``cp -r SRC COPY`` (wall clock);
+* ``bdpass.prepare_folder(SRC, DST)`` in this process (``bdpass prepare``), with the peak
+  resident memory above the start (``VmHWM`` after resetting it);
+* loading DST with ``AutoModelForCausalLM.from_pretrained`` after ``import bdpass``; its
+  logits against the original's, and greedy tokens (default cache) against the original's.
+
+Per-layer times and parts come from the :class:`bdpass.prepare.FolderReport`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+import transformers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import bdpass  # noqa: E402
+
+
+def config(layers: int) -> transformers.PretrainedConfig:
+    return transformers.AutoConfig.for_model(
+        "deepseek_v2", hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
+        kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        num_hidden_layers=layers, first_k_dense_replace=1, intermediate_size=10944, moe_intermediate_size=1408,
+        n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=1, topk_group=1,
+        topk_method="greedy", vocab_size=102400, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"], check=False)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _status(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--dir", default="/tmp/bdpass_pfs")
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    dtype = getattr(torch, a.dtype)
+    src, copy_, dst = (os.path.join(a.dir, n) for n in ("src", "copy", "dst"))
+    shutil.rmtree(a.dir, ignore_errors=True)
+    os.makedirs(a.dir)
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count(),
+           "machine": platform.machine(), "threads": torch.get_num_threads(),
+           "command": "python benchmarks/prepare_folder_speed.py " + " ".join(
+               f"--{k} {v}" for k, v in vars(a).items() if v is not None)}
+    print(env)
+
+    t0 = time.perf_counter()
+    cfg = config(a.layers)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, experts_implementation="eager").eval()
+    model.save_pretrained(src, max_shard_size="5GB")
+    del model
+    write_s = time.perf_counter() - t0
+    size = folder_bytes(src)
+    print(f"checkpoint: {a.layers} layers, {size / 2**30:.2f} GiB, written in {write_s:.1f} s")
+
+    dropped = drop_caches()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", src, copy_], check=True)
+    subprocess.run(["sync"], check=False)
+    cp_s = time.perf_counter() - t0
+    shutil.rmtree(copy_)
+    print(f"cp -r (+ sync): {cp_s:.1f} s")
+
+    drop_caches()
+    rss0 = _status("VmRSS")
+    peak_ok = _reset_peak()
+    t0 = time.perf_counter()
+    rep = bdpass.prepare_folder(src, dst, {"cost_model": False}, tokens=a.tokens,
+                                model_kwargs={"experts_implementation": "eager"})
+    subprocess.run(["sync"], check=False)
+    prep_s = time.perf_counter() - t0
+    peak = _status("VmHWM") - rss0 if peak_ok else None
+    print(rep)
+    for path, r in rep.blocks.items():
+        print(f"  {path}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()))
+    print(f"prepare (+ sync): {prep_s:.1f} s = {prep_s / cp_s:.2f}x cp -r; peak RSS above start "
+          f"{(peak or 0) / 2**30:.2f} GiB")
+
+    # the prepared folder, loaded by transformers, against the original
+    t0 = time.perf_counter()
+    prepared = transformers.AutoModelForCausalLM.from_pretrained(dst, experts_implementation="eager").eval()
+    load_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)
+    with torch.no_grad():
+        lp = prepared(ids).logits.float()
+        tok_p = prepared.generate(ids, max_new_tokens=6, do_sample=False)
+    del prepared
+    original = transformers.AutoModelForCausalLM.from_pretrained(src, experts_implementation="eager").eval()
+    with torch.no_grad():
+        lo = original(ids).logits.float()
+        tok_o = original.generate(ids, max_new_tokens=6, do_sample=False)
+        lo64 = original.double()(ids).logits
+    del original
+    err_p = float((lp.double() - lo64).norm() / lo64.norm())
+    err_o = float((lo.double() - lo64).norm() / lo64.norm())
+    same_tokens = bool(torch.equal(tok_p, tok_o))
+    print(f"from_pretrained(DST): {load_s:.1f} s; logits error vs float64: prepared {err_p:.2e}, "
+          f"original {err_o:.2e}; greedy tokens equal: {same_tokens}")
+    per_layer = {p: {"edits": [e['kind'] for e in r.edits],
+                     "refit": any((g.validation or "").startswith("shared with") for g in r.graphs),
+                     "seconds": dict(r.seconds)} for p, r in rep.blocks.items()}
+    out = {"environment": env, "layers": a.layers, "dtype": a.dtype, "checkpoint_bytes": size,
+           "prepared_bytes": folder_bytes(dst), "page_cache_dropped": dropped, "cp_seconds": cp_s,
+           "prepare_seconds": prep_s, "ratio_to_cp": prep_s / cp_s, "prepare_parts_seconds": rep.seconds,
+           "peak_rss_above_start_bytes": peak, "from_pretrained_seconds": load_s,
+           "logits_rel_error_prepared": err_p, "logits_rel_error_original": err_o,
+           "greedy_tokens_equal": same_tokens, "blocks": per_layer}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+    shutil.rmtree(a.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
