@@ -9,7 +9,12 @@ saves it with ``save_pretrained``, loads it back with transformers' own ``from_p
 (``import bdpass`` registers bdpass as a transformers quantization method), compares the
 logits of the original and of the loaded model with a float64 run of the original, and checks
 that the greedy tokens equal the original model's, eagerly and under ``torch.compile``.
-See docs/prepare.md.
+
+Then the same from a checkpoint folder, as a user with a downloaded checkpoint would: the
+original is saved with ``save_pretrained``, ``bdpass.prepare_folder(src, dst)`` (the
+``bdpass prepare SRC DST`` command) prepares the folder block by block without loading the
+model whole, and ``from_pretrained(dst)`` loads it: its logits and greedy tokens are compared
+with the original's too. See docs/prepare.md.
 """
 from __future__ import annotations
 
@@ -69,6 +74,18 @@ def main() -> None:
     print("greedy tokens equal to the original's: eager", torch.equal(eager, ref), "| compiled",
           torch.equal(compiled, ref))
     print(f"parameter bytes: {bdpass.prepare.state_bytes(original):,} -> {bdpass.prepare.state_bytes(loaded):,}")
+
+    # the same from a checkpoint folder: prepared block by block, never whole in memory
+    with tempfile.TemporaryDirectory() as tmp:
+        original.save_pretrained(f"{tmp}/src")
+        rep = bdpass.prepare_folder(f"{tmp}/src", f"{tmp}/dst", model_kwargs={"experts_implementation": "eager"})
+        print(rep)
+        folder = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/dst", experts_implementation="eager")
+        with torch.no_grad():
+            lf = folder(ids).logits.double()
+            toks = folder.generate(ids, **gen)
+    print(f"from the prepared folder: logits error against float64 {_rel(lf, ref64):.2e}; greedy tokens equal to "
+          f"the original's: {torch.equal(toks, ref)}")
 
 
 if __name__ == "__main__":

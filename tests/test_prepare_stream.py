@@ -1,8 +1,8 @@
 """``bdpass prepare SRC DST``: a transformers checkpoint folder prepared block by block
 (:func:`bdpass.prepare_folder`). The result equals preparing the same model in memory,
 tensor for tensor; it loads with plain ``from_pretrained`` after ``import bdpass``; it
-generates the original's greedy tokens with the default cache; at most one block of the
-layer stack holds weights at any time."""
+generates the original's greedy tokens with the default cache; one block of the layer stack
+holds weights at a time."""
 from __future__ import annotations
 
 import copy
@@ -59,7 +59,9 @@ def _check(original, path, tmp_path, cls=None, layers=3, **model_kwargs):
         rep = bdpass.prepare_folder(path, dst, ALL, model_class=cls, model_kwargs=model_kwargs or None)
     finally:
         stream._prepare, stream.layer_blocks = real, real_layer_blocks
-    assert blocks_live == [1] * layers, blocks_live            # one block of weights at a time
+    # one block's weights in the model at a time (the next block's tensors may be in memory, read
+    # ahead, but not in the model)
+    assert blocks_live == [1] * layers, blocks_live
     refits = [p for p, r in rep.blocks.items()
               if any((g.validation or "").startswith("shared with") for g in r.graphs)]
     assert refits, str(rep)

@@ -100,31 +100,76 @@ class _Files:
         else:
             raise FileNotFoundError(f"bdpass prepare: {folder} holds no model.safetensors nor {_INDEX} "
                                     f"(only safetensors checkpoints are read)")
-        self._open: dict[str, Any] = {}
 
     def names(self) -> list[str]:
         return list(self.where)
 
-    def _file(self, name: str) -> Any:
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, read into memory; the files are closed again (a mapping
+        left open would keep every page read resident)."""
         from safetensors import safe_open
 
-        fn = self.where[name]
-        if fn not in self._open:
-            self._open[fn] = safe_open(os.path.join(self.folder, fn), framework="pt")
-        return self._open[fn]
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._file(name).get_tensor(name)
-
-    def slice(self, name: str) -> Any:
-        return self._file(name).get_slice(name)
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        for fn, ns in by_file.items():
+            with safe_open(os.path.join(self.folder, fn), framework="pt") as f:
+                for n in ns:
+                    out[n] = f.get_tensor(n)
+        return out
 
     def dtype(self) -> torch.dtype:
-        for n in self.where:
-            t = self.get(n)
-            if t.is_floating_point():
-                return t.dtype
+        """The dtype of the checkpoint's first floating tensor (from the file headers)."""
+        from safetensors import safe_open
+
+        kinds = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+        for fn in dict.fromkeys(self.where.values()):
+            with safe_open(os.path.join(self.folder, fn), framework="pt") as f:
+                for n in f.keys():
+                    dt = kinds.get(f.get_slice(n).get_dtype())
+                    if dt is not None:
+                        return dt
         return torch.get_default_dtype()
+
+
+class _Prefetch:
+    """Reads the next block's tensors from disk on a background thread while the current
+    block is prepared (one block ahead at most). Only the reading: converting them into
+    parameters (copies) on a second thread would compete with the factorizations for the
+    cores."""
+
+    def __init__(self, files: _Files) -> None:
+        self.files = files
+        self._thread: threading.Thread | None = None
+        self._key: str | None = None
+        self._result: Any = None
+
+    def start(self, key: str, names: list[str]) -> None:
+        def run() -> None:
+            try:
+                self._result = self.files.read(names)
+            except BaseException as e:      # re-raised by take
+                self._result = e
+
+        self._key, self._result = key, None
+        self._thread = threading.Thread(target=run, name="bdpass-prepare-reader", daemon=True)
+        self._thread.start()
+
+    def take(self, key: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors of block ``key``: from the background read, or read now."""
+        if self._thread is not None and self._key == key:
+            self._thread.join()
+            self._thread, result, self._result = None, self._result, None
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        return self.files.read(names)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread, self._result = None, None
 
 
 def _peak_rss() -> int | None:
@@ -196,13 +241,15 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _load(model: nn.Module, files: _Files, pick: Any, params: list[str], dtype: torch.dtype, what: str) -> None:
-    """Load the checkpoint tensors whose names ``pick`` accepts into ``model`` as
+def _load(model: nn.Module, tensors: dict[str, torch.Tensor], params: list[str], dtype: torch.dtype,
+          what: str, tie: bool = False) -> None:
+    """Load checkpoint tensors (names as the checkpoint spells them) into ``model`` as
     ``from_pretrained`` loads them (weight conversions included); then the parameters
-    ``params`` (names in ``model``) must all be loaded."""
-    _compat.load_checkpoint_tensors(model, {n: files.slice(n) for n in files.names() if pick(n)}, dtype)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()      # a head tied to the embedding is not in the checkpoint
+    ``params`` (names in ``model``) must all be loaded. ``tie``: tie the model's weights
+    first (a head tied to the embedding is not in the checkpoint)."""
+    _compat.load_checkpoint_tensors(model, tensors, dtype)
+    if tie and hasattr(model, "tie_weights"):
+        model.tie_weights()
     missing = [n for n in params if model.get_parameter(n).device.type == "meta"]
     if missing:
         raise ValueError(f"bdpass prepare: the checkpoint lacks {len(missing)} tensor(s) of {what}, e.g. "
@@ -260,7 +307,9 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
 
     t0 = time.perf_counter()
     outside = [n for n, _ in model.named_parameters(remove_duplicate=False) if not in_block(n)]
-    _load(model, files, lambda n: not in_block(n), outside, dtype, "the model outside its layer stack")
+    rest = [n for n in files.names() if not in_block(n)]    # read once: loaded, and copied as they are
+    rest_tensors = files.read(rest)
+    _load(model, dict(rest_tensors), outside, dtype, "the model outside its layer stack", tie=True)
     times["read"] += time.perf_counter() - t0
 
     # 2. the forward, block by block
@@ -277,9 +326,12 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
             return
         path = names[id(block)]
         t1 = time.perf_counter()
-        pre_ = path + "."
-        _load(model, files, lambda n: n.startswith(pre_),
-              [pre_ + n for n, _ in block.named_parameters()], dtype, path)
+        tensors = prefetch.take(path, in_files[path])
+        k = order.index(path)
+        if k + 1 < len(order):
+            prefetch.start(order[k + 1], in_files[order[k + 1]])
+        _load(model, tensors, [path + "." + n for n, _ in block.named_parameters()], dtype, path)
+        del tensors
         times["read"] += time.perf_counter() - t1
         stash[id(block)] = (args, kwargs)
 
@@ -318,17 +370,19 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
         return out
 
     names = {id(m): p for p, m in blocks}
+    order = [p for p, _ in blocks]
+    in_files = {p: [n for n in files.names() if n.startswith(p + ".")] for p in order}
+    prefetch = _Prefetch(files)
+
     writer = _Writer()
-    rest = [n for n in files.names() if not in_block(n)]    # copied as they are, while the blocks run
     rep.outside = rest
-    if rest:
-        state = {n: files.get(n) for n in rest}
-        rest_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    if rest:        # written while the blocks run
+        rest_bytes = sum(t.numel() * t.element_size() for t in rest_tensors.values())
         rep.bytes_before += rest_bytes
         rep.bytes_after += rest_bytes
-        writer.put(os.path.join(dst, "model-outside-layers.safetensors"), state)
-        weight_map.update({n: "model-outside-layers.safetensors" for n in state})
-        del state
+        writer.put(os.path.join(dst, "model-outside-layers.safetensors"), rest_tensors)
+        weight_map.update({n: "model-outside-layers.safetensors" for n in rest_tensors})
+    del rest_tensors
     session = CaptureSession()      # one Dynamo cache for all blocks: a kind of block is traced once
     hooks = []
     for _, m in blocks:
@@ -344,6 +398,7 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
     finally:
         for h in hooks:
             h.remove()
+        prefetch.wait()
         torch._dynamo.reset()
         t2 = time.perf_counter()
         writer.close()
