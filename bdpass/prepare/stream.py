@@ -268,6 +268,7 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
     ``attn_implementation``, ``experts_implementation``). Returns a :class:`FolderReport`;
     ``dst`` must not exist or be empty."""
     import transformers
+
     t_start = time.perf_counter()
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.abspath(src) == os.path.abspath(dst):
@@ -373,7 +374,6 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
     order = [p for p, _ in blocks]
     in_files = {p: [n for n in files.names() if n.startswith(p + ".")] for p in order}
     prefetch = _Prefetch(files)
-
     writer = _Writer()
     rep.outside = rest
     if rest:        # written while the blocks run
