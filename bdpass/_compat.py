@@ -287,12 +287,13 @@ def module_relative_name(source_text: str | None) -> str | None:
 
 # ----------------------------------------------------------------------------- transformers loading
 def load_checkpoint_tensors(model: Any, tensors: dict, dtype: Any) -> None:
-    """Load checkpoint tensors (``name -> tensor or safetensors slice``, names as the
-    checkpoint spells them) into ``model`` (a transformers model, on the meta device where not
-    yet loaded) the way ``from_pretrained`` does: through transformers' weight conversions
-    (per-expert checkpoint tensors fused into one parameter, renamings), available from
-    transformers 5 (``transformers.core_model_loading``, a private module). Without it, names
-    must match the model's ``state_dict`` names and each tensor is assigned as it is."""
+    """Load checkpoint tensors (``name -> tensor``, names as the checkpoint spells them) into
+    ``model`` (a transformers model, on the meta device where not yet loaded) the way
+    ``from_pretrained`` does: through transformers' weight conversions (per-expert checkpoint
+    tensors fused into one parameter, renamings), available from transformers 5
+    (``transformers.core_model_loading``, a private module). Where that is missing or does
+    not take the call, names must match the model's ``state_dict`` names and each tensor is
+    assigned as it is (a parameter left unloaded is then reported by the caller)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -300,17 +301,22 @@ def load_checkpoint_tensors(model: Any, tensors: dict, dtype: Any) -> None:
     except ImportError:
         convert_and_load_state_dict_in_model = None
     if convert_and_load_state_dict_in_model is not None:
-        config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
-        convert_and_load_state_dict_in_model(model, tensors, config)
-        return
+        try:
+            config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
+            convert_and_load_state_dict_in_model(model, tensors, config)
+            return
+        except (TypeError, AttributeError) as e:      # its signature moved: load by name
+            import logging
+
+            logging.getLogger("bdpass").info("bdpass: transformers' checkpoint loader did not take the call "
+                                             "(%s: %s); loading tensors by name", type(e).__name__, e)
     own = model.state_dict(keep_vars=True)
     for name, t in tensors.items():
         if name not in own:
             continue
-        value = t[...] if not isinstance(t, torch.Tensor) else t
         owner, _, attr = name.rpartition(".")
         m = model.get_submodule(owner) if owner else model
         if attr in m._parameters:
-            m._parameters[attr] = torch.nn.Parameter(value.to(own[name].dtype), requires_grad=False)
+            m._parameters[attr] = torch.nn.Parameter(t.to(own[name].dtype), requires_grad=False)
         else:
-            m._buffers[attr] = value.to(own[name].dtype)
+            m._buffers[attr] = t.to(own[name].dtype)

@@ -126,3 +126,25 @@ def test_cli_and_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["prepare", str(tmp_path / "empty"), str(tmp_path / "dst2")]) == 2
     assert "holds no config.json" in capsys.readouterr().err and not (tmp_path / "dst2").exists()
+
+
+def test_loader_falls_back_to_names(tmp_path, monkeypatch):
+    """Where transformers' private checkpoint loader does not take the call, tensors load by
+    name: a checkpoint whose names are the model's (llama) still prepares, bit for bit."""
+    import transformers.core_model_loading as cml
+
+    def moved(*a, **k):
+        raise TypeError("signature moved")
+
+    model, _, _ = build("llama", layers=2)
+    model.save_pretrained(tmp_path / "src")
+    ref = bdpass.prepare_folder(tmp_path / "src", tmp_path / "ref", ALL)
+    monkeypatch.setattr(cml, "convert_and_load_state_dict_in_model", moved)
+    rep = bdpass.prepare_folder(tmp_path / "src", tmp_path / "dst", ALL)
+    assert [len(r.edits) for r in rep.blocks.values()] == [len(r.edits) for r in ref.blocks.values()]
+    from safetensors.torch import load_file
+
+    for f in os.listdir(tmp_path / "ref"):
+        if f.endswith(".safetensors"):
+            a, b = load_file(tmp_path / "ref" / f), load_file(tmp_path / "dst" / f)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
