@@ -35,8 +35,10 @@ then not BD sources), then BD.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -117,7 +119,7 @@ class PlanContext:
         return None
 
 
-class Rule:
+class Rule(abc.ABC):
     """The interface every rewrite rule implements (see the module docstring)."""
     name: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ()        # the kinds of its RewriteRecords / SkipRecords
@@ -127,22 +129,29 @@ class Rule:
         """Whether ``opts`` turns any of the rule's kinds on (one option per kind)."""
         return any(getattr(opts, k, False) for k in self.kinds)
 
+    @abc.abstractmethod
     def plan(self, ctx: PlanContext) -> list[Decision]:
-        raise NotImplementedError
+        """Find and decide the rule's sites in ``ctx``'s graph; skips go to ``ctx.report``."""
 
+    @abc.abstractmethod
     def rewrite(self, editor: Any, decision: Decision, index: int) -> None:
-        raise NotImplementedError
+        """Write ``decision`` into the editor's graph copy as rewrite number ``index``."""
 
+    @abc.abstractmethod
     def refit(self, decision: Decision, args: Sequence[Any]) -> Decision:
-        raise NotImplementedError
+        """``decision`` at the weights in ``args`` (another instance of its graph); raises
+        ``FactorizationError`` where the identity does not hold within its budget there."""
 
+    @abc.abstractmethod
     def module_edits(self, decisions: Sequence[Decision], args: Sequence[Any], idx: Any,
                      graph: int) -> tuple[list, list]:
-        raise NotImplementedError
+        """(edits, not preparable) of one graph instance's decisions of this rule."""
 
+    @abc.abstractmethod
     def shard_module(self, path: str, spec: dict, how: str, get: Callable[[str], Any], rank: int, world: int,
                      split_of: Callable[[str], str | None]) -> tuple[dict, dict]:
-        raise NotImplementedError
+        """(local spec, local tensors) of rank ``rank``'s share of a prepared module at
+        ``path`` split ``how``; ``split_of(path)`` gives another module's split."""
 
 
 # the modules that define the rules, in the order they plan
@@ -156,7 +165,7 @@ def _load() -> list[Rule]:
         for name in _RULE_MODULES:
             mod = importlib.import_module(name)
             found += [obj() for obj in vars(mod).values()
-                      if isinstance(obj, type) and issubclass(obj, Rule) and obj is not Rule
+                      if isinstance(obj, type) and issubclass(obj, Rule) and not inspect.isabstract(obj)
                       and obj.__module__ == name]
         REGISTRY.extend(found)
     return REGISTRY

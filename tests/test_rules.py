@@ -22,6 +22,22 @@ def test_registry_lists_both_identities_in_planning_order():
         assert m in rules.rule_for_module(m.__name__).modules
 
 
+def test_the_interface_is_abstract():
+    """A rule or prepared module class that leaves out part of the interface cannot be made."""
+    import pytest
+
+    class Half(rules.Rule):
+        name = "half"
+
+        def plan(self, ctx):
+            return []
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half()
+    with pytest.raises(TypeError, match="abstract"):
+        PreparedModule()
+
+
 def test_unknown_module_type_is_a_clear_error():
     import pytest
 
@@ -47,6 +63,11 @@ def test_backend_plans_every_registered_rule_after_the_earlier_ones(monkeypatch)
             seen["claimed"] = {n.name for n in ctx.claimed}
             seen["free"] = [s.core.name for s in ctx.free_linears()]
             return []
+
+        def _never(self, *a):       # the probe decides nothing, so nothing else is called
+            raise AssertionError("called for a decision the probe never made")
+
+        rewrite = refit = module_edits = shard_module = _never
 
     monkeypatch.setattr(rules, "REGISTRY", rules.all_rules() + [Probe()])
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ bytes, and a state without it (checkpoints saved before it existed) still loads.
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Sequence
 
 import torch
@@ -57,7 +58,7 @@ def _param(shape: Sequence[int], device: Any, dtype: torch.dtype, requires_grad:
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=requires_grad)
 
 
-class PreparedModule(nn.Module):
+class PreparedModule(nn.Module, abc.ABC):
     """The base of every prepared module: a JSON-able :meth:`spec`, the classmethod
     :meth:`from_spec` that builds an empty module of those shapes, and the zero-element
     :data:`MARKER` buffer (a ``state_dict`` without it loads: it carries no value). A
@@ -68,13 +69,15 @@ class PreparedModule(nn.Module):
         super().__init_subclass__(**kwargs)
         PreparedModule._types[cls.__name__] = cls
 
+    @abc.abstractmethod
     def spec(self) -> dict:
-        raise NotImplementedError
+        """The module's kind and shapes, JSON-able (what a plan stores)."""
 
     @classmethod
+    @abc.abstractmethod
     def from_spec(cls, spec: dict, *, device: Any = None, dtype: torch.dtype | None = None,
                   requires_grad: bool = True) -> "PreparedModule":
-        raise NotImplementedError
+        """An empty module of the shapes ``spec`` describes (nothing factorized)."""
 
     @staticmethod
     def replaced_features(spec: dict) -> tuple[int, int]:
