@@ -51,6 +51,9 @@ import time
 import torch
 import transformers
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memory import reset_peak, status  # noqa: E402
+
 import bdpass
 from bdpass.prepare import state_bytes
 
@@ -92,27 +95,6 @@ def lowrank_llama_layer(seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _status(key: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes (0 where /proc is not there)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
@@ -137,12 +119,12 @@ def figures(name: str, build, n_layers: int, tokens: int, pretrained: bool, load
     largest_layer64 = 2 * max(state_bytes(layer) for layer in model.model.layers)
     ref = _logits(model, ids)
     gc.collect()
-    rss0 = _status("VmRSS")
-    peak_ok = _reset_peak()
+    rss0 = status("VmRSS")
+    peak_ok = reset_peak()
     t0 = time.perf_counter()
     bdpass.prepare(model, ids, options=OPTIONS)
     t_prepare = time.perf_counter() - t0
-    peak = _status("VmHWM") - rss0 if peak_ok else None
+    peak = status("VmHWM") - rss0 if peak_ok else None
     rep = model.bdpass_report
     after = state_bytes(model)
     got = _logits(model, ids)

@@ -37,9 +37,10 @@ import torch
 import transformers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import bdpass  # noqa: E402
+from _memory import reset_peak, status  # noqa: E402
 
 
 def config(layers: int) -> transformers.PretrainedConfig:
@@ -57,26 +58,6 @@ def drop_caches() -> bool:
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def _status(key: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
         return True
     except OSError:
         return False
@@ -127,14 +108,14 @@ def main() -> None:
         if r:
             shutil.rmtree(dst)
         drop_caches()
-        rss0 = _status("VmRSS")
-        peak_ok = _reset_peak()
+        rss0 = status("VmRSS")
+        peak_ok = reset_peak()
         t0 = time.perf_counter()
         rep = bdpass.prepare_folder(src, dst, {"cost_model": False}, tokens=a.tokens,
                                     model_kwargs={"experts_implementation": "eager"})
         subprocess.run(["sync"], check=False)
         preps.append(time.perf_counter() - t0)
-        peaks.append(_status("VmHWM") - rss0 if peak_ok else None)
+        peaks.append(status("VmHWM") - rss0 if peak_ok else None)
         print(f"round {r}: cp -r (+ sync) {cps[-1]:.1f} s, prepare (+ sync) {preps[-1]:.1f} s "
               f"({preps[-1] / cps[-1]:.2f}x); peak RSS above start {(peaks[-1] or 0) / 2**30:.2f} GiB")
     cp_s, prep_s = statistics.median(cps), statistics.median(preps)
