@@ -148,3 +148,14 @@ def test_loader_falls_back_to_names(tmp_path, monkeypatch):
         if f.endswith(".safetensors"):
             a, b = load_file(tmp_path / "ref" / f), load_file(tmp_path / "dst" / f)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek_v2"])
+def test_bfloat16_folders(family, tmp_path):
+    """A bfloat16 checkpoint is prepared in bfloat16 (its own dtype) and still equals the
+    in-memory preparation, within 1.5x of the original's error and with its greedy tokens."""
+    kw = {"experts_implementation": "eager"} if family == "deepseek_v2" else {}
+    model, _, _ = build(family, layers=3, dtype=torch.bfloat16, **kw)
+    model.save_pretrained(tmp_path / "src")
+    _, prepared = _check(model, tmp_path / "src", tmp_path, **kw)
+    assert prepared.dtype == torch.bfloat16
