@@ -320,3 +320,45 @@ def load_checkpoint_tensors(model: Any, tensors: dict, dtype: Any) -> None:
             m._parameters[attr] = torch.nn.Parameter(t.to(own[name].dtype), requires_grad=False)
         else:
             m._buffers[attr] = t.to(own[name].dtype)
+
+
+def checkpoint_key_targets(model: Any, keys: Sequence[str]) -> dict[str, tuple[frozenset, str]]:
+    """For each checkpoint key, the names (in ``model.state_dict()``) of the tensors that
+    transformers' loader makes from it, and the key of its loading group: the keys of one
+    group are converted together (per-expert tensors fused into one parameter), so a
+    tensor of the model is made from exactly the keys of the groups that name it. The
+    routing is the loader's own (``transformers.core_model_loading.rename_source_key`` with
+    the model's conversion mapping, as :func:`load_checkpoint_tensors` loads). Where that
+    private module is missing or does not take the call, keys are the model's names
+    (the by-name loading of :func:`load_checkpoint_tensors`). A key that loads nowhere gets
+    no names."""
+    own = model.state_dict(keep_vars=True)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [e for e in mapping if isinstance(e, WeightRenaming)]
+        converters = [e for e in mapping if isinstance(e, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        prefix = getattr(model, "base_model_prefix", None)
+        out = {}
+        for key in keys:
+            renamed, pattern = rename_source_key(key, renamings, converters, prefix, own)
+            if renamed not in own and key in own:         # as the loader: only the prefix may change
+                renamed, pattern = rename_source_key(key, [], [], prefix, own)
+            if renamed not in own:
+                out[key] = (frozenset(), renamed)
+            elif pattern is None:
+                out[key] = (frozenset({renamed}), renamed)
+            else:
+                tps = by_pattern[pattern].target_patterns
+                names = {renamed.replace(tps[0], t) for t in tps} if tps else {renamed}
+                out[key] = (frozenset(n for n in names | {renamed} if n in own), renamed)
+        return out
+    except (ImportError, TypeError, AttributeError, KeyError, ValueError) as e:
+        import logging
+
+        logging.getLogger("bdpass").info("bdpass: transformers' key routing not available (%s: %s); checkpoint "
+                                         "keys are taken as the model's names", type(e).__name__, e)
+    return {k: (frozenset({k}) if k in own else frozenset(), k) for k in keys}

@@ -6,6 +6,7 @@ holds weights at a time."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -41,10 +42,10 @@ def _check(original, path, tmp_path, cls=None, layers=3, **model_kwargs):
     blocks_live = []
     real = stream._prepare
 
-    def counting(block, *a):
+    def counting(block, *a, **kw):
         model_blocks = [m for m in all_blocks if any(p.device.type != "meta" for p in m.parameters())]
         blocks_live.append(len(model_blocks))
-        return real(block, *a)
+        return real(block, *a, **kw)
 
     all_blocks = []
     real_layer_blocks = stream.layer_blocks
@@ -159,3 +160,145 @@ def test_bfloat16_folders(family, tmp_path):
     model.save_pretrained(tmp_path / "src")
     _, prepared = _check(model, tmp_path / "src", tmp_path, **kw)
     assert prepared.dtype == torch.bfloat16
+
+
+def test_later_blocks_read_only_what_their_rewrites_need(tmp_path):
+    """A block of a kind already prepared reads only the tensors its kind's rewrites read or
+    change; the rest of the checkpoint is copied by the kernel, byte for byte, under its
+    checkpoint names (per-expert tensors stay per expert)."""
+    from safetensors import safe_open
+
+    model, _, _ = build("deepseek_v2", layers=4, experts_implementation="eager")
+    model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    rep = bdpass.prepare_folder(tmp_path / "src", tmp_path / "dst", ALL,
+                                model_kwargs={"experts_implementation": "eager"})
+    files = stream.Folder(str(tmp_path / "src"))
+    total = files.nbytes(files.names())
+    layer3 = [n for n in files.names() if n.startswith("model.layers.3.")]
+    read3 = [n for n in layer3 if "self_attn" in n]
+    # the first two blocks (a dense one, the first MoE one) and the tensors the head needs are read;
+    # of blocks 2 and 3 only their attention's rewritten weights
+    assert rep.read_bytes < 0.8 * total, (rep.read_bytes, total)
+    assert rep.copied_bytes >= total - rep.read_bytes
+    assert not rep.reread
+    index = json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())["weight_map"]
+    experts = [n for n in layer3 if ".experts." in n]
+    assert experts and all(n in index for n in experts)          # copied as the checkpoint names them
+    for n in experts + [n for n in layer3 if n not in read3]:
+        with safe_open(tmp_path / "dst" / index[n], "pt") as f, safe_open(
+                tmp_path / "src" / files.where[n], "pt") as g:
+            assert torch.equal(f.get_tensor(n), g.get_tensor(n)), n
+    # the rewritten attention's tensors come from memory, into the block's own file
+    made = [n for n in index if n.startswith("model.layers.3.self_attn.kv_b_proj.")]
+    assert len(made) > 1 and {index[n] for n in made} == {"model-model-layers-3.safetensors"}
+    prepared, messages = load(tmp_path / "dst", experts_implementation="eager")
+    assert_clean(messages)
+
+
+class ScaledLastLlama(transformers.LlamaForCausalLM):
+    """Its last block's attention scales its scores differently: the same parameters as the
+    others, another graph (Dynamo specializes the attribute)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.layers[-1].self_attn.scaling *= 0.5
+
+
+def test_a_block_that_runs_another_graph_reads_all_its_weights(tmp_path, caplog):
+    """A block alike in its parameters to a kind already prepared, but running another graph,
+    is noticed (the analysis would see stand-ins) and prepared again with all its weights;
+    the result still equals the in-memory preparation."""
+    base, _, _ = build("llama", layers=3)
+    torch.manual_seed(0)
+    model = ScaledLastLlama(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    model.save_pretrained(tmp_path / "src")
+    with caplog.at_level("INFO", logger="bdpass"):
+        rep = bdpass.prepare_folder(tmp_path / "src", tmp_path / "dst", ALL, model_class=ScaledLastLlama)
+    assert list(rep.reread) == ["model.layers.2"], str(rep)
+    assert "afresh" in rep.reread["model.layers.2"]
+    assert "model.layers.2: graph" in caplog.text and "reading all its weights" in caplog.text
+    prepared, messages = load(tmp_path / "dst", ScaledLastLlama)
+    assert_clean(messages)
+    loaded = ScaledLastLlama.from_pretrained(tmp_path / "src").eval()
+    memory = bdpass.prepare(loaded, _example(loaded.config), options=ALL, use_cache=False)
+    _same_state(prepared.eval(), memory)
+
+
+def test_a_rewrite_reading_a_stand_in_reads_all_weights(tmp_path, monkeypatch):
+    """If a kind's record of what its rewrites read missed a tensor, the refit would read a
+    stand-in (another layer's values): it is refused before anything is edited, the block
+    reads all its weights and is prepared again, and the files are those of a run without
+    the fault."""
+    model, _, _ = build("llama", layers=3)
+    model.save_pretrained(tmp_path / "src")
+    ref = bdpass.prepare_folder(tmp_path / "src", tmp_path / "ref", ALL)
+    assert not ref.reread
+
+    class Forgetful(stream._Kind):
+        def __init__(self, real, keep, requires_grad):
+            lost = sorted(n for n in real if n.endswith("v_proj.weight"))[0]
+            keep = dict(keep, **{lost: torch.zeros_like(keep[next(iter(keep))]).new_zeros(
+                requires_grad_shapes[lost])})
+            super().__init__(real - {lost}, keep, requires_grad)
+
+    requires_grad_shapes = {n: tuple(p.shape) for n, p in model.model.layers[0].named_parameters()}
+    monkeypatch.setattr(stream, "_Kind", Forgetful)
+    rep = bdpass.prepare_folder(tmp_path / "src", tmp_path / "dst", ALL)
+    assert set(rep.reread) == {"model.layers.1", "model.layers.2"}, str(rep)
+    assert all("read" in why for why in rep.reread.values())
+    _same_files(tmp_path / "ref", tmp_path / "dst")
+
+
+def _same_files(a, b):
+    from safetensors.torch import load_file
+
+    def tensors(folder):
+        out = {}
+        for f in os.listdir(folder):
+            if f.endswith(".safetensors"):
+                out.update(load_file(os.path.join(folder, f)))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_copied_files_are_bit_identical_and_aligned(tmp_path, monkeypatch):
+    """The kernel-copied safetensors file: any subset of a checkpoint's tensors, of mixed
+    dtypes and across files, loads back bit for bit, each tensor aligned to its element."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bdpass.prepare import files as pf
+
+    g = torch.Generator().manual_seed(0)
+    a = {"x.a": torch.randn(3, 5, generator=g).to(torch.bfloat16), "x.b": torch.randn(7, generator=g),
+         "x.c": torch.randint(0, 9, (3,), generator=g), "x.d": torch.randn(2, 3, generator=g).double(),
+         "x.e": torch.randn(1, generator=g).half()}
+    b = {"y.a": torch.randn(4, 4, generator=g), "y.b": torch.arange(5, dtype=torch.int16)}
+    save_file(a, tmp_path / "one.safetensors")
+    save_file(b, tmp_path / "two.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {**{k: "one.safetensors" for k in a}, **{k: "two.safetensors" for k in b}}}))
+    folder = pf.Folder(str(tmp_path))
+    names = ["x.a", "x.c", "y.b", "x.e", "y.a", "x.d"]
+    n = pf.copy_tensors(folder, names, str(tmp_path / "out.safetensors"))
+    assert n == os.path.getsize(tmp_path / "out.safetensors")
+    header, start = pf.read_header(str(tmp_path / "out.safetensors"))
+    assert start % 8 == 0
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        assert sorted(f.keys()) == sorted(names)
+        for k in names:
+            t = f.get_tensor(k)
+            assert t.dtype == {**a, **b}[k].dtype and torch.equal(t, {**a, **b}[k]), k
+            assert header[k]["data_offsets"][0] % t.element_size() == 0, k
+    # through a plain buffer where the kernel copy is not available
+    def refuse(*args, **kw):
+        raise OSError(38, "not supported")
+
+    monkeypatch.setattr(pf.os, "copy_file_range", refuse, raising=False)
+    pf.copy_tensors(folder, names, str(tmp_path / "buf.safetensors"))
+    assert (tmp_path / "buf.safetensors").read_bytes() == (tmp_path / "out.safetensors").read_bytes()

@@ -72,6 +72,8 @@ class PrepareReport:
     graphs_compiled: int = 0
     seconds: dict = field(default_factory=dict)
     verified: str | None = None
+    # names of the tensors the rewrites read, replace or fold (the rest is left as it was)
+    touched: set = field(default_factory=set)
 
     @property
     def report(self) -> Report:
@@ -115,6 +117,16 @@ class PrepareReport:
         if self.verified:
             lines.append(f"verify: {self.verified}")
         return "\n".join(lines)
+
+
+class NeedsRealWeights(Exception):
+    """Raised by :func:`_prepare` given ``borrowed`` tensors (stand-ins for weights that were
+    not read: another layer's values, shapes and dtypes alike) when its analysis or its edits
+    would use one of them: the caller reads the real weights and prepares again."""
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _split_options(options: Any) -> tuple[BDOptions, dict]:
@@ -179,12 +191,17 @@ def _graph_key(gm: torch.fx.GraphModule, args: list) -> tuple:
 
 
 def _prepare(model: nn.Module, example_args: tuple, example_kwargs: dict, opts: BDOptions, own: dict,
-             inplace: bool, shared: dict, session: CaptureSession | None = None) -> nn.Module:
+             inplace: bool, shared: dict, session: CaptureSession | None = None,
+             borrowed: set | None = None) -> nn.Module:
     """:func:`prepare`; ``shared`` maps graph keys (:func:`_graph_key`) to the first
     instance's report and decisions (without tensors), and may be carried from one call to
     the next (the blocks of a checkpoint prepared one at a time), as may ``session`` (the
     capturing backend and Dynamo's cache: a block of a kind already traced is not traced
-    again)."""
+    again). ``borrowed``: storage addresses (:func:`_storage_key`) of tensors that stand in
+    for weights not read (they only shape the run); :class:`NeedsRealWeights` is raised,
+    before the model is edited, where a graph would be analysed afresh, a refit would read,
+    or an edit would keep or fold, one of them. ``touched`` in the report names the tensors
+    that the rewrites read, replaced or folded."""
     from .checkpoint import plan_of, set_config_plan
 
     model = getattr(model, "_orig_mod", model)
@@ -220,19 +237,30 @@ def _prepare(model: nn.Module, example_args: tuple, example_kwargs: dict, opts: 
                     f"graph of the same forward; the model is left partially prepared (use inplace=False to "
                     f"keep the original)")
 
+    def stand_ins(ts: Any) -> list[str]:
+        return [idx.name(t) for t in ts if isinstance(t, torch.Tensor) and _storage_key(t) in borrowed]
+
     def on_instance(gm: torch.fx.GraphModule, a: list, index: int) -> Any:
         with torch.no_grad():
             out = gm.forward(*a)
         t1 = time.perf_counter()
         key = _graph_key(gm, a) if own["share_analysis"] else None
         first = shared.get(key) if key is not None else None
+        if borrowed:
+            bad = stand_ins(a[i] for d in first[1] for i in d.derived_from) if first is not None else []
+            if bad:
+                raise NeedsRealWeights(f"the rewrites read {bad[0]}")
         try:
             if first is not None:
                 report, decisions = refit_graph(first[0], first[1], a, opts, index)
             else:
                 report, decisions = decide_graph(gm, a, opts, index)
+                if borrowed and (report.rewrites or report.skipped) and stand_ins(a):
+                    raise NeedsRealWeights(f"graph {index} is analysed afresh (a kind not seen before)")
                 if key is not None:
                     shared[key] = (report, [d.without_tensors() for d in decisions])
+        except NeedsRealWeights:
+            raise
         except Exception as e:
             if opts.strict:
                 raise
@@ -247,6 +275,7 @@ def _prepare(model: nn.Module, example_args: tuple, example_kwargs: dict, opts: 
         if not decisions:
             return out
         t2 = time.perf_counter()
+        reads = [a[i] for d in decisions for i in d.derived_from]
         try:
             edits, bad = edits_for(decisions, a, idx, index)
         except Exception as e:
@@ -255,6 +284,14 @@ def _prepare(model: nn.Module, example_args: tuple, example_kwargs: dict, opts: 
             edits, bad = [], [NotPreparable("all", rep.instances[-1] or "graph", f"internal error "
                                             f"({type(e).__name__}: {e})", index)]
         del decisions
+        if borrowed:
+            kept = stand_ins([t for ed in edits for _, t, _ in ed.fold]
+                             + [t for ed in edits for m in ed.replace.values() for t in m.state_dict().values()])
+            if kept:
+                raise NeedsRealWeights(f"an edit keeps or folds {kept[0]}")
+        rep.touched.update(idx.name(t) for t in reads if isinstance(t, torch.Tensor))
+        rep.touched.update(idx.name(t) for ed in edits for t in ed.dropped)
+        rep.touched.update(n for ed in edits for n, _, _ in ed.fold)
         for ed in edits:
             for t in ed.dropped:
                 edited.add(t)
