@@ -13,6 +13,7 @@ target dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -54,6 +55,27 @@ def format_bound(x: float) -> str:
     return s
 
 
+# scipy's QR runs on its own OpenBLAS threads, which do not follow torch.set_num_threads. A
+# small matrix (a head's weights) is factorized fastest on one thread, and several threads
+# that wait on each other on a loaded machine make it many times slower; a large one gets as
+# many threads as torch uses. threadpoolctl sets them where it is installed.
+_SMALL = 1 << 20
+_CONTROLLER: list = []
+
+
+def _blas_threads(n: int):
+    if not _CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _CONTROLLER.append(ThreadpoolController())
+        except Exception:       # not installed (or no BLAS found): scipy keeps its threads
+            _CONTROLLER.append(None)
+    if _CONTROLLER[0] is None:
+        return contextlib.nullcontext()
+    return _CONTROLLER[0].limit(limits=max(1, n), user_api="blas")
+
+
 def pivoted_qr(M: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray]:
     """QR with column pivoting of the 2-D matrix ``M``.
 
@@ -68,7 +90,8 @@ def pivoted_qr(M: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray]:
     if not 0 < k <= min(m, n):
         raise ValueError(f"k={k} must lie in [1, min{tuple(M.shape)}]")
     a = as_float64(M).numpy()
-    R, perm = scipy.linalg.qr(a, pivoting=True, mode="r", check_finite=False)
+    with _blas_threads(1 if m * n <= _SMALL else torch.get_num_threads()):
+        R, perm = scipy.linalg.qr(a, pivoting=True, mode="r", check_finite=False)
     rdiag = np.abs(np.diag(R))
     return torch.from_numpy(np.ascontiguousarray(perm[:k])).to(torch.int64), rdiag
 
