@@ -75,23 +75,35 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of cp -r and prepare")
     p.add_argument("--out", default=None)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the checkpoint in DIR/src between runs (written again if absent)")
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     src, copy_, dst = (os.path.join(a.dir, n) for n in ("src", "copy", "dst"))
-    shutil.rmtree(a.dir, ignore_errors=True)
-    os.makedirs(a.dir)
+    reuse = a.reuse and os.path.exists(os.path.join(src, "config.json"))
+    if not reuse:
+        shutil.rmtree(a.dir, ignore_errors=True)
+    for d in (copy_, dst):
+        shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(a.dir, exist_ok=True)
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count(),
            "machine": platform.machine(), "threads": torch.get_num_threads(),
            "command": "python benchmarks/prepare_folder_speed.py " + " ".join(
-               f"--{k} {v}" for k, v in vars(a).items() if v is not None)}
+               f"--{k} {v}" for k, v in vars(a).items() if v is not None and k != "reuse")}
     print(env)
 
     t0 = time.perf_counter()
     cfg = config(a.layers)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, experts_implementation="eager").eval()
-    model.save_pretrained(src, max_shard_size="5GB")
-    del model
+    if reuse:
+        with open(os.path.join(src, "config.json")) as f:
+            if json.load(f).get("num_hidden_layers") != a.layers:
+                raise SystemExit(f"{src} holds another number of layers: drop --reuse")
+    else:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                              experts_implementation="eager").eval()
+        model.save_pretrained(src, max_shard_size="5GB")
+        del model
     write_s = time.perf_counter() - t0
     size = folder_bytes(src)
     print(f"checkpoint: {a.layers} layers, {size / 2**30:.2f} GiB, written in {write_s:.1f} s")
@@ -123,6 +135,9 @@ def main() -> None:
     print(rep)
     for path, r in rep.blocks.items():
         print(f"  {path}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()))
+    print("timeline of the last round (s from the start):")
+    for what, t0_, t1_ in rep.timeline:
+        print(f"  {t0_:6.2f} - {t1_:6.2f}  {what}")
     print(f"median of {a.repeats}: prepare {prep_s:.1f} s = {prep_s / cp_s:.2f}x cp -r ({cp_s:.1f} s); "
           f"ratios per round {', '.join(f'{p / c:.2f}' for p, c in zip(preps, cps))}; peak RSS above start "
           f"{(peak or 0) / 2**30:.2f} GiB")
@@ -156,11 +171,14 @@ def main() -> None:
            "prepare_seconds_rounds": preps, "prepare_parts_seconds": rep.seconds,
            "peak_rss_above_start_bytes": peak, "from_pretrained_seconds": load_s,
            "logits_rel_diff_prepared_vs_original": diff,
-           "greedy_tokens_equal": same_tokens, "blocks": per_layer}
+           "greedy_tokens_equal": same_tokens, "read_bytes": rep.read_bytes, "copied_bytes": rep.copied_bytes,
+           "reread": rep.reread, "timeline": rep.timeline, "blocks": per_layer}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
-    shutil.rmtree(a.dir, ignore_errors=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    if not a.reuse:
+        shutil.rmtree(a.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
