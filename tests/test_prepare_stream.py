@@ -16,6 +16,7 @@ import bdpass
 from bdpass import cli
 from bdpass.prepare import stream
 from helpers import first_tensor, rel_l2, to64
+from lowrank_models import SvdLinear
 from test_hf_quantizer import LowRankLlama, assert_clean, generate, load
 from zoo import build
 
@@ -112,6 +113,40 @@ def test_lowrank_llama_folder_pifa(tmp_path):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.in_features ** -0.5)
     model.save_pretrained(tmp_path / "src")
     rep, prepared = _check(model, tmp_path / "src", tmp_path, cls=LowRankLlama)
+    assert sum(isinstance(m, bdpass.PivotLinear) for m in prepared.modules()) > 0
+
+
+class HalfLowRankLlama(transformers.LlamaForCausalLM):
+    """Its first block is a plain Llama block (BD on a cache-free run), the others rank-50%
+    pairs (PIFA): two kinds of block whose rewrites touch tensors of different names."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers[1:]:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, lin in list(parent.named_children()):
+                    if isinstance(lin, torch.nn.Linear):
+                        r = min(lin.in_features, lin.out_features) // 2
+                        setattr(parent, name, SvdLinear(lin.in_features, r, lin.out_features,
+                                                        bias_u=lin.bias is not None))
+
+
+def test_kinds_with_different_rewrites(tmp_path):
+    """A BD block, then PIFA blocks: the copies queued ahead for the later blocks on the first
+    kind's names are a wrong guess, copied again once their own kind is known; the folder
+    equals the in-memory preparation."""
+    base, _, _ = build("llama", layers=4)
+    torch.manual_seed(0)
+    model = HalfLowRankLlama(base.config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.in_features ** -0.5)
+    model.save_pretrained(tmp_path / "src")
+    rep, prepared = _check(model, tmp_path / "src", tmp_path, cls=HalfLowRankLlama, layers=4)
+    kinds = [{e["kind"] for e in r.edits} for r in rep.blocks.values()]
+    assert kinds[0] and "pifa" not in kinds[0] and all(k == {"pifa"} for k in kinds[1:]), kinds
     assert sum(isinstance(m, bdpass.PivotLinear) for m in prepared.modules()) > 0
 
 

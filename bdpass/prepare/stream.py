@@ -321,7 +321,7 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
     plan_modules: dict[str, dict] = {}
     folded: list[str] = []
     stash: dict[int, tuple] = {}
-    queued: dict[str, list[str]] = {}       # block -> the keys whose copy is queued ahead of it
+    queued: dict[str, list[str]] = {}       # block -> the keys whose copy was queued ahead of it
     busy = []      # the block being prepared runs again inside prepare: no hooks then
     names = {id(m): p for p, m in blocks}
     module_of = dict(blocks)
@@ -441,12 +441,12 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
             output.save(os.path.join(dst, fn), memory)
             weight_map.update({k: fn for k in memory})
         kept = os.path.join(dst, f"model-{path.replace('.', '-')}-kept.safetensors")
-        if copied:
-            if queued.pop(path, None) != copied:
+        if queued.pop(path, []) != copied:
+            if copied:
                 output.copy(kept, copied)
-            weight_map.update({k: os.path.basename(kept) for k in copied})
-        elif queued.pop(path, None) is not None:
-            output.remove(kept)
+            else:
+                output.remove(kept)
+        weight_map.update({k: os.path.basename(kept) for k in copied})
         del memory, state, before
         for p, m in block.named_modules():
             if isinstance(m, PreparedModule):
@@ -459,15 +459,23 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
             kinds[sig] = _Kind(real=frozenset(real),
                                keep={n: t.detach() for n, t in structure_params if n not in real},
                                requires_grad={n: t.requires_grad for n, t in structure_params})
-            # the later blocks of this kind copy what it does not touch: queued now, so that the
-            # copying runs while they are prepared (a block that turns out otherwise is copied again)
+        if kind is None:
+            # What this block's rewrites touched decides what the later blocks copy, queued now so that
+            # the copying runs while they are prepared: for the blocks of its kind, what they will copy;
+            # for blocks of a kind not met yet, a guess (the same names), copied again when wrong.
+            touched_here = {n[len(path) + 1:] for n in made}
             for later in order[order.index(path) + 1:]:
-                if _signature(module_of[later]) == sig:
-                    keys_l, _ = routing.closure(later, {f"{later}.{n}" for n in real})
-                    queued[later] = [k for k in routing.keys[later] if k not in set(keys_l)]
-                    if queued[later]:
-                        output.copy(os.path.join(dst, f"model-{later.replace('.', '-')}-kept.safetensors"),
-                                    queued[later])
+                sig_l = _signature(module_of[later])
+                if sig_l == sig or (sig_l not in kinds and later not in queued):
+                    keys_l, _ = routing.closure(later, {f"{later}.{n}" for n in touched_here})
+                    copy_l = [k for k in routing.keys[later] if k not in set(keys_l)]
+                    if queued.get(later) != copy_l:
+                        queued[later] = copy_l
+                        fn = os.path.join(dst, f"model-{later.replace('.', '-')}-kept.safetensors")
+                        if copy_l:
+                            output.copy(fn, copy_l)
+                        else:
+                            output.remove(fn)
         block.to("meta")
         del block.bdpass_report
         k = order.index(path)
