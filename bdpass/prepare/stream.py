@@ -374,10 +374,16 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
         if k + 1 < len(order) and _signature(module_of[order[k + 1]]) != sig:
             prefetch.start(order[k + 1], plan_read(order[k + 1])[1])     # known now: read it meanwhile
 
-    def restore(block: nn.Module, structure: dict) -> None:
+    def restore(block: nn.Module, structure: dict, borrowed: set) -> None:
+        """The block's modules as before its preparation, its stand-ins back on meta (so that
+        reading all its weights must replace every one)."""
         for m, children in structure.items():
             m._modules.clear()
             m._modules.update(children)
+        for m in block.modules():
+            for attr, p in list(m._parameters.items()):
+                if p is not None and p.device.type != "meta" and _storage_key(p) in borrowed:
+                    m._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
     def post(block: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         if busy:
@@ -399,7 +405,7 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
             except NeedsRealWeights as e:
                 log.info("bdpass prepare: %s: %s; reading all its weights and preparing it again", path, e)
                 rep.reread[path] = str(e)
-                restore(block, structure)
+                restore(block, structure, borrowed)
                 times["prepare"] += time.perf_counter() - t1
                 read_into(path, routing.keys[path], [f"{path}.{n}" for n, _ in block.named_parameters()])
                 t1 = time.perf_counter()
