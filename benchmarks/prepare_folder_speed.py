@@ -7,8 +7,11 @@ against copying the same files with ``cp -r``.
 The checkpoint has the real widths of DeepSeek-V2-Lite (hidden 2048, 16 heads, kv_lora_rank
 512, q_lora_rank None, head dims 128/64/128, layer 0 dense with intermediate 10944, the
 others MoE with 64 routed experts of width 1408 and 2 shared ones, vocabulary 102400) and
-``--layers`` layers (the real model has 27: 31 GB in bfloat16, more than this machine's disk
-holds twice), random weights, written with ``save_pretrained`` (5 GB shards). Then, in
+``--layers`` layers (the real model has 27: 31 GB in bfloat16), random weights. It is written
+shard by shard (5 GB shards, the names and layout ``save_pretrained`` gives: a 2-layer model of
+the same widths, saved, shows them), so that a checkpoint larger than memory can be made:
+each tensor is drawn with the standard deviation of the 2-layer model's (norms stay ones).
+Then, in
 ``--repeats`` interleaved rounds (medians reported), each after ``sync`` and dropping the
 page cache (where allowed; the JSON says whether it was):
 
@@ -17,7 +20,8 @@ page cache (where allowed; the JSON says whether it was):
   resident memory above the start (``VmHWM`` after resetting it);
 * loading DST with ``AutoModelForCausalLM.from_pretrained`` after ``import bdpass``; its
   logits against the original's (both in ``--dtype``: a float64 copy of the whole model does
-  not fit in memory), and greedy tokens (default cache) against the original's.
+  not fit in memory), and greedy tokens (default cache) against the original's
+  (``--no-load`` skips this, for a checkpoint larger than memory).
 
 Per-layer times and parts come from the :class:`bdpass.prepare.FolderReport`.
 """
@@ -32,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 import transformers
@@ -51,6 +56,74 @@ def config(layers: int) -> transformers.PretrainedConfig:
         n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=1, topk_group=1,
         topk_method="greedy", vocab_size=102400, max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def write_checkpoint(path: str, layers: int, dtype: torch.dtype, shard_bytes: int = 5 * 10**9) -> None:
+    """The ``layers``-layer checkpoint, written shard by shard (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    tmp = path + ".template"
+    torch.manual_seed(0)
+    small = transformers.AutoModelForCausalLM.from_config(config(2), dtype=dtype,
+                                                          experts_implementation="eager").eval()
+    small.save_pretrained(tmp)
+    del small
+    template: dict[str, torch.Tensor] = {}
+    from safetensors.torch import load_file
+    for f in sorted(os.listdir(tmp)):
+        if f.endswith(".safetensors"):
+            template.update(load_file(os.path.join(tmp, f)))
+    names = []           # (name, template name), in the order save_pretrained writes them
+    for i in range(layers):
+        src_layer = 0 if i == 0 else 1
+        names += [(n.replace(f"model.layers.{src_layer}.", f"model.layers.{i}.", 1), n) for n in template
+                  if n.startswith(f"model.layers.{src_layer}.")]
+    names = [(n, n) for n in template if not n.startswith("model.layers.")] + names
+    g = torch.Generator().manual_seed(1)
+    weight_map, shard, size, k = {}, {}, 0, 0
+    files = []
+
+    def flush() -> None:
+        nonlocal shard, size, k
+        k += 1
+        fn = f"model-{k:05d}.safetensors"
+        save_file(shard, os.path.join(path, fn), metadata={"format": "pt"})
+        weight_map.update({n: fn for n in shard})
+        files.append(fn)
+        shard, size = {}, 0
+
+    os.makedirs(path, exist_ok=True)
+    for name, like in names:
+        t = template[like]
+        if t.is_floating_point() and bool((t == t.flatten()[0]).all()):
+            value = t.clone()
+        elif t.is_floating_point():
+            value = (torch.randn(t.shape, generator=g) * float(t.float().std())).to(dtype)
+        else:
+            value = t.clone()
+        if size and size + value.numel() * value.element_size() > shard_bytes:
+            flush()
+        shard[name] = value
+        size += value.numel() * value.element_size()
+    flush()
+    total = len(files)
+    for i, fn in enumerate(files):          # save_pretrained's names: model-0000k-of-0000n
+        new = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        os.rename(os.path.join(path, fn), os.path.join(path, new))
+        weight_map = {n: (new if f == fn else f) for n, f in weight_map.items()}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(os.path.getsize(os.path.join(path, x)) for x in
+                                                  set(weight_map.values()))}, "weight_map": weight_map}, f, indent=2)
+    for f in os.listdir(tmp):
+        if f == "config.json":
+            with open(os.path.join(tmp, f)) as h:
+                cfg = json.load(h)
+            cfg["num_hidden_layers"] = layers
+            with open(os.path.join(path, f), "w") as h:
+                json.dump(cfg, h, indent=2)
+        elif not f.endswith(".safetensors") and not f.endswith(".json.index") and f != "model.safetensors.index.json":
+            shutil.copy2(os.path.join(tmp, f), os.path.join(path, f))
+    shutil.rmtree(tmp)
 
 
 def drop_caches() -> bool:
@@ -75,6 +148,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of cp -r and prepare")
     p.add_argument("--out", default=None)
+    p.add_argument("--no-load", action="store_true",
+                   help="skip loading the folders with from_pretrained (a checkpoint larger than memory)")
     p.add_argument("--reuse", action="store_true",
                    help="keep the checkpoint in DIR/src between runs (written again if absent)")
     a = p.parse_args()
@@ -89,7 +164,8 @@ def main() -> None:
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count(),
            "machine": platform.machine(), "threads": torch.get_num_threads(),
            "command": "python benchmarks/prepare_folder_speed.py " + " ".join(
-               f"--{k} {v}" for k, v in vars(a).items() if v is not None and k != "reuse")}
+               f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k.replace('_', '-')}"
+               for k, v in vars(a).items() if v not in (None, False) and k != "reuse")}
     print(env)
 
     t0 = time.perf_counter()
@@ -99,27 +175,30 @@ def main() -> None:
             if json.load(f).get("num_hidden_layers") != a.layers:
                 raise SystemExit(f"{src} holds another number of layers: drop --reuse")
     else:
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype,
-                                                              experts_implementation="eager").eval()
-        model.save_pretrained(src, max_shard_size="5GB")
-        del model
+        write_checkpoint(src, a.layers, dtype)
     write_s = time.perf_counter() - t0
     size = folder_bytes(src)
     print(f"checkpoint: {a.layers} layers, {size / 2**30:.2f} GiB, written in {write_s:.1f} s")
 
-    cps, preps, peaks = [], [], []
+    cps: list[float] = []
+    preps: list[float] = []
+    peaks: list[Any] = []
+    sizes: list[int] = []
     dropped = False
-    for r in range(a.repeats):     # interleaved: the shared disk's speed drifts
-        dropped = drop_caches()
+    def run_cp() -> None:
+        if a.no_load:       # a checkpoint that large may not fit three times on the disk
+            shutil.rmtree(dst, ignore_errors=True)
+        drop_caches()
         t0 = time.perf_counter()
         subprocess.run(["cp", "-r", src, copy_], check=True)
         subprocess.run(["sync"], check=False)
         cps.append(time.perf_counter() - t0)
         shutil.rmtree(copy_)
-        if r:
-            shutil.rmtree(dst)
-        drop_caches()
+
+    def run_prepare() -> Any:
+        nonlocal dropped
+        shutil.rmtree(dst, ignore_errors=True)
+        dropped = drop_caches()
         rss0 = status("VmRSS")
         peak_ok = reset_peak()
         t0 = time.perf_counter()
@@ -128,8 +207,18 @@ def main() -> None:
         subprocess.run(["sync"], check=False)
         preps.append(time.perf_counter() - t0)
         peaks.append(status("VmHWM") - rss0 if peak_ok else None)
+        sizes.append(folder_bytes(dst))
+        return rep
+
+    for r in range(a.repeats):     # interleaved, in alternating order: the shared disk's speed drifts
+        if r % 2 == 0:
+            run_cp()
+            rep = run_prepare()
+        else:
+            rep = run_prepare()
+            run_cp()
         print(f"round {r}: cp -r (+ sync) {cps[-1]:.1f} s, prepare (+ sync) {preps[-1]:.1f} s "
-              f"({preps[-1] / cps[-1]:.2f}x); peak RSS above start {(peaks[-1] or 0) / 2**30:.2f} GiB")
+              f"({preps[-1] / cps[-1]:.2f}x); peak RSS above start {(peaks[-1] or 0) / 2**30:.2f} GiB", flush=True)
     cp_s, prep_s = statistics.median(cps), statistics.median(preps)
     peak = max(p for p in peaks if p is not None) if any(p is not None for p in peaks) else None
     print(rep)
@@ -143,30 +232,32 @@ def main() -> None:
           f"{(peak or 0) / 2**30:.2f} GiB")
 
     # the prepared folder, loaded by transformers, against the original
-    t0 = time.perf_counter()
-    prepared = transformers.AutoModelForCausalLM.from_pretrained(dst, experts_implementation="eager").eval()
-    load_s = time.perf_counter() - t0
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)
-    with torch.no_grad():
-        lp = prepared(ids).logits.float()
-        tok_p = prepared.generate(ids, max_new_tokens=6, do_sample=False)
-    del prepared
-    original = transformers.AutoModelForCausalLM.from_pretrained(src, experts_implementation="eager").eval()
-    with torch.no_grad():
-        lo = original(ids).logits.float()
-        tok_o = original.generate(ids, max_new_tokens=6, do_sample=False)
-    del original
-    # a float64 copy of the whole model does not fit (8 bytes a weight): prepared against original
-    diff = float((lp.double() - lo.double()).norm() / lo.double().norm())
-    same_tokens = bool(torch.equal(tok_p, tok_o))
-    print(f"from_pretrained(DST): {load_s:.1f} s; logits of the prepared folder against the original's "
-          f"(both {a.dtype}): relative L2 {diff:.2e}; greedy tokens equal: {same_tokens}")
+    load_s = diff = same_tokens = None
+    if not a.no_load:
+        t0 = time.perf_counter()
+        prepared = transformers.AutoModelForCausalLM.from_pretrained(dst, experts_implementation="eager").eval()
+        load_s = time.perf_counter() - t0
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)
+        with torch.no_grad():
+            lp = prepared(ids).logits.float()
+            tok_p = prepared.generate(ids, max_new_tokens=6, do_sample=False)
+        del prepared
+        original = transformers.AutoModelForCausalLM.from_pretrained(src, experts_implementation="eager").eval()
+        with torch.no_grad():
+            lo = original(ids).logits.float()
+            tok_o = original.generate(ids, max_new_tokens=6, do_sample=False)
+        del original
+        # a float64 copy of the whole model does not fit (8 bytes a weight): prepared against original
+        diff = float((lp.double() - lo.double()).norm() / lo.double().norm())
+        same_tokens = bool(torch.equal(tok_p, tok_o))
+        print(f"from_pretrained(DST): {load_s:.1f} s; logits of the prepared folder against the original's "
+              f"(both {a.dtype}): relative L2 {diff:.2e}; greedy tokens equal: {same_tokens}")
     per_layer = {p: {"edits": [e['kind'] for e in r.edits],
                      "refit": any((g.validation or "").startswith("shared with") for g in r.graphs),
                      "seconds": dict(r.seconds)} for p, r in rep.blocks.items()}
     out = {"environment": env, "layers": a.layers, "dtype": a.dtype, "checkpoint_bytes": size,
-           "prepared_bytes": folder_bytes(dst), "page_cache_dropped": dropped, "cp_seconds": cp_s,
+           "prepared_bytes": sizes[-1], "page_cache_dropped": dropped, "cp_seconds": cp_s,
            "prepare_seconds": prep_s, "ratio_to_cp": prep_s / cp_s, "cp_seconds_rounds": cps,
            "prepare_seconds_rounds": preps, "prepare_parts_seconds": rep.seconds,
            "peak_rss_above_start_bytes": peak, "from_pretrained_seconds": load_s,
