@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import struct
 import threading
 import time
@@ -161,8 +160,9 @@ def copy_tensors(folder: Folder, names: list[str], path: str) -> int:
 class Output:
     """Writes the prepared folder's files on one background thread, in order: tensors from
     memory (:meth:`save`; at most ``hold`` bytes of them waiting, so memory stays bounded)
-    and tensors copied from the source files (:meth:`copy`). A later job on the same path
-    replaces the earlier one's file."""
+    and tensors copied from the source files (:meth:`copy`). Tensors in memory are written
+    first; copies keep their order, so a later copy to the same path replaces the earlier
+    one's file."""
 
     def __init__(self, folder: Folder, hold: int = 2 << 30) -> None:
         self.folder = folder
@@ -172,7 +172,7 @@ class Output:
         self.jobs: list[tuple[str, str, float, float]] = []     # (kind, file, start, end), perf_counter
         self._waiting = 0
         self._cond = threading.Condition()
-        self._queue: queue.Queue = queue.Queue()
+        self._jobs: list = []
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bdpass-prepare-writer", daemon=True)
         self._thread.start()
@@ -181,7 +181,12 @@ class Output:
         from safetensors.torch import save_file
 
         while True:
-            item = self._queue.get()
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                # tensors waiting in memory go first; copies, and removals, keep their order
+                i = next((i for i, j in enumerate(self._jobs) if j is not None and j[0] == "save"), 0)
+                item = self._jobs.pop(i)
             if item is None:
                 return
             kind, path, what, size = item
@@ -204,6 +209,11 @@ class Output:
                 self._waiting -= size
                 self._cond.notify_all()
 
+    def _put(self, job: Any) -> None:
+        with self._cond:
+            self._jobs.append(job)          # None: the end, after everything queued before it
+            self._cond.notify_all()
+
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
@@ -215,18 +225,18 @@ class Output:
             while self._waiting > 0 and self._waiting + size > self.hold and self._error is None:
                 self._cond.wait()
             self._waiting += size
-        self._queue.put(("save", path, tensors, size))
+        self._put(("save", path, tensors, size))
 
     def copy(self, path: str, names: list[str]) -> None:
         self._check()
-        self._queue.put(("copy", path, list(names), 0))
+        self._put(("copy", path, list(names), 0))
 
     def remove(self, path: str) -> None:
         """Remove ``path`` once what is queued before is written."""
         self._check()
-        self._queue.put(("remove", path, None, 0))
+        self._put(("remove", path, None, 0))
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._put(None)
         self._thread.join()
         self._check()
