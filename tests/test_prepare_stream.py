@@ -337,3 +337,37 @@ def test_copied_files_are_bit_identical_and_aligned(tmp_path, monkeypatch):
     monkeypatch.setattr(pf.os, "copy_file_range", refuse, raising=False)
     pf.copy_tensors(folder, names, str(tmp_path / "buf.safetensors"))
     assert (tmp_path / "buf.safetensors").read_bytes() == (tmp_path / "out.safetensors").read_bytes()
+
+
+def test_routing_that_disagrees_with_the_loader_writes_from_memory(tmp_path, monkeypatch, caplog):
+    """Where transformers' key routing (what bdpass copies) does not account for a parameter
+    the loader filled, nothing is copied for that kind of block: it is written from memory,
+    each tensor once, and the folder loads clean and equals a run without the fault."""
+    from bdpass import _compat
+
+    model, _, _ = build("llama", layers=3)
+    model.save_pretrained(tmp_path / "src")
+    ref = bdpass.prepare_folder(tmp_path / "src", tmp_path / "ref", ALL)
+    real = _compat.checkpoint_key_targets
+
+    def lost(model, keys):
+        out = real(model, keys)
+        return {k: ((frozenset(), v[1]) if k.endswith("mlp.down_proj.weight") else v) for k, v in out.items()}
+
+    monkeypatch.setattr(_compat, "checkpoint_key_targets", lost)
+    with caplog.at_level("INFO", logger="bdpass"):
+        rep = bdpass.prepare_folder(tmp_path / "src", tmp_path / "dst", ALL)
+    assert "not made by any checkpoint key" in caplog.text
+    assert [len(r.edits) for r in rep.blocks.values()] == [len(r.edits) for r in ref.blocks.values()]
+    from safetensors import safe_open
+
+    seen: dict[str, str] = {}
+    for f in os.listdir(tmp_path / "dst"):
+        if f.endswith(".safetensors"):
+            with safe_open(tmp_path / "dst" / f, "pt") as h:
+                for k in h.keys():
+                    assert k not in seen, (k, f, seen.get(k))
+                    seen[k] = f
+    _same_files(tmp_path / "ref", tmp_path / "dst")
+    _, messages = load(tmp_path / "dst")
+    assert_clean(messages)

@@ -200,7 +200,7 @@ def _prepare(model: nn.Module, example_args: tuple, example_kwargs: dict, opts: 
     again). ``borrowed``: storage addresses (:func:`_storage_key`) of tensors that stand in
     for weights not read (they only shape the run); :class:`NeedsRealWeights` is raised,
     before the model is edited, where a graph would be analysed afresh, a refit would read,
-    or an edit would keep or fold, one of them. ``touched`` in the report names the tensors
+    or an edit would replace, keep or fold, one of them. ``touched`` in the report names the tensors
     that the rewrites read, replaced or folded."""
     from .checkpoint import plan_of, set_config_plan
 
@@ -285,10 +285,10 @@ def _prepare(model: nn.Module, example_args: tuple, example_kwargs: dict, opts: 
                                             f"({type(e).__name__}: {e})", index)]
         del decisions
         if borrowed:
-            kept = stand_ins([t for ed in edits for _, t, _ in ed.fold]
+            kept = stand_ins([t for ed in edits for _, t, _ in ed.fold] + [t for ed in edits for t in ed.dropped]
                              + [t for ed in edits for m in ed.replace.values() for t in m.state_dict().values()])
             if kept:
-                raise NeedsRealWeights(f"an edit keeps or folds {kept[0]}")
+                raise NeedsRealWeights(f"an edit replaces, keeps or folds {kept[0]}")
         rep.touched.update(idx.name(t) for t in reads if isinstance(t, torch.Tensor))
         rep.touched.update(idx.name(t) for ed in edits for t in ed.dropped)
         rep.touched.update(n for ed in edits for n, _, _ in ed.fold)

@@ -357,8 +357,13 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
         else:
             read_into(path, keys, [])
             loaded = {n for n, p in block.named_parameters() if p.device.type != "meta"}
+            copied_made = routing.made_by([k for k in routing.keys[path] if k not in set(keys)])
+            why = None
             if {f"{path}.{n}" for n in loaded} != made & set(full):
                 why = "its tensors did not load as its kind's did"
+            elif not {f"{path}.{n}" for n, _ in block.named_parameters()} - made <= copied_made:
+                why = "a parameter is not made by checkpoint keys as transformers routes them"
+            if why is not None:
                 log.info("bdpass prepare: %s: %s; reading all its weights", path, why)
                 rep.reread[path] = why
                 read_into(path, routing.keys[path], full)
@@ -431,12 +436,15 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
         state = block.state_dict(keep_vars=True)
         unchanged = {n for n, t in state.items() if before.get(n) is t and n not in r.touched}
         copied_names = {n[len(path) + 1:] for n in routing.made_by(copied)}
-        if not copied_names <= unchanged:       # never for a kind: its keys were closed over what changed
-            if kind is not None:
+        unrouted = {f"{path}.{n}" for n, _ in structure_params} - routing.made_by(routing.keys[path])
+        if not copied_names <= unchanged or (kind is None and unrouted):
+            if kind is not None:        # never: a kind's keys were closed over what its rewrites change
                 raise RuntimeError(f"bdpass prepare: {path}: {sorted(copied_names - unchanged)[:3]} changed "
                                    f"although its kind's rewrites do not change them")
-            log.info("bdpass prepare: %s: tensors made from the same checkpoint keys as a rewritten one changed; "
-                     "the block is written from memory", path)
+            why = (f"{sorted(unrouted)[0]} is not made by any checkpoint key as transformers routes them"
+                   if unrouted else "tensors made from the same checkpoint keys as a rewritten one changed")
+            log.info("bdpass prepare: %s: %s; the block is written from memory, and later blocks of its kind "
+                     "read all their weights", path, why)
             copied, copied_names = [], set()
             made = {f"{path}.{n}" for n, _ in structure_params}     # a later block of this kind reads all
         memory = {f"{path}.{n}": t.detach().contiguous() for n, t in state.items() if n not in copied_names}
