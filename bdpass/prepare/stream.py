@@ -71,8 +71,10 @@ __all__ = ["prepare_folder", "FolderReport"]
 
 @dataclass
 class FolderReport:
-    """What :func:`prepare_folder` did: per block its prepare report, the seconds spent
-    reading, preparing and writing, and the peak resident memory."""
+    """What :func:`prepare_folder` did: per block its prepare report; the seconds the main
+    thread spent reading, preparing and waiting on the writer; the bytes read into memory
+    and copied by the kernel; the blocks that read all their weights again, and why; a
+    timeline; the peak resident memory."""
     blocks: dict[str, Any] = field(default_factory=dict)       # block path -> PrepareReport
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_before: int = 0
