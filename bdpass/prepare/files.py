@@ -101,17 +101,18 @@ class Folder:
         return torch.get_default_dtype()
 
 
-def _copy_range(src: int, dst: int, count: int, src_off: int, dst_off: int) -> None:
+def _copy_range(src: int, dst: int, count: int, src_off: int, dst_off: int, kernel: list[bool]) -> None:
     """``count`` bytes from ``src`` at ``src_off`` to ``dst`` at ``dst_off``: in the kernel
-    where it can (``copy_file_range``), else through a buffer."""
+    where it can (``copy_file_range``), else through a buffer (``kernel[0]`` is then set to
+    False, and the caller's later ranges go through the buffer at once)."""
     while count > 0:
         n = 0
-        if hasattr(os, "copy_file_range"):
+        if kernel[0] and hasattr(os, "copy_file_range"):
             try:
                 n = os.copy_file_range(src, dst, count, src_off, dst_off)
-            except OSError:
-                n = 0
-        if n <= 0:          # not supported here (or across file systems): read and write
+            except OSError:         # not supported here, or across file systems
+                kernel[0] = False
+        if n <= 0:
             buf = os.pread(src, min(count, 64 << 20), src_off)
             if not buf:
                 raise OSError(f"bdpass prepare: unexpected end of file copying {count} bytes")
@@ -143,13 +144,14 @@ def copy_tensors(folder: Folder, names: list[str], path: str) -> int:
     text += b" " * (-len(text) % 8)
     base = 8 + len(text)
     fds: dict[str, int] = {}
+    kernel = [True]
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(out, struct.pack("<Q", len(text)) + text)
         for fn, src_off, dst_off, length in runs:
             if fn not in fds:
                 fds[fn] = os.open(os.path.join(folder.folder, fn), os.O_RDONLY)
-            _copy_range(fds[fn], out, length, src_off, base + dst_off)
+            _copy_range(fds[fn], out, length, src_off, base + dst_off, kernel)
     finally:
         os.close(out)
         for fd in fds.values():
