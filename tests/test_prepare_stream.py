@@ -397,3 +397,27 @@ def test_more_families(family, tmp_path):
     rep, prepared = _check(model, tmp_path / "src", tmp_path, **kw)
     assert all(r.edits for r in rep.blocks.values()), str(rep)
     assert not rep.reread and rep.copied_bytes > rep.read_bytes, str(rep)
+
+
+def test_prepared_in_another_dtype(tmp_path):
+    """``dtype=``: a float32 checkpoint prepared in bfloat16. The prepared tensors are
+    bfloat16, the copied ones keep the checkpoint's float32; loaded in bfloat16 the folder
+    equals the in-memory preparation of the model loaded in bfloat16."""
+    from safetensors import safe_open
+
+    model, _, _ = build("deepseek_v2", layers=3, experts_implementation="eager")
+    model.save_pretrained(tmp_path / "src")
+    kw = {"experts_implementation": "eager"}
+    bdpass.prepare_folder(tmp_path / "src", tmp_path / "dst", ALL, dtype=torch.bfloat16, model_kwargs=kw)
+    index = json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())["weight_map"]
+    dtypes = {}
+    for n, f in index.items():
+        with safe_open(tmp_path / "dst" / f, "pt") as h:
+            dtypes[n] = h.get_slice(n).get_dtype()
+    assert dtypes["model.layers.2.mlp.experts.0.up_proj.weight"] == "F32"
+    assert dtypes["model.layers.2.self_attn.o_proj.weight"] == "BF16"
+    prepared, messages = load(tmp_path / "dst", dtype=torch.bfloat16, **kw)
+    assert_clean(messages)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16, **kw).eval()
+    memory = bdpass.prepare(loaded, _example(loaded.config), options=ALL, use_cache=False)
+    _same_state(prepared.eval(), memory)
