@@ -4,7 +4,11 @@ against copying the same files with ``cp -r``.
     python benchmarks/prepare_folder_speed.py [--layers 6] [--dtype bfloat16] [--dir /tmp/bdpass_pfs]
                                               [--tokens 16] [--repeats 3] [--out benchmarks/results/prepare_folder.json]
 
-The checkpoint has the real widths of DeepSeek-V2-Lite (hidden 2048, 16 heads, kv_lora_rank
+``--family lowrank_llama`` times a low-rank checkpoint instead (PIFA's case): Llama widths
+(hidden 2048, MLP 5504, 16 heads, vocabulary 32000) with every attention and MLP linear a
+rank-50% pair ``u_proj(v_proj(x))``, a custom class (:class:`LowRankLlama`).
+
+By default the checkpoint has the real widths of DeepSeek-V2-Lite (hidden 2048, 16 heads, kv_lora_rank
 512, q_lora_rank None, head dims 128/64/128, layer 0 dense with intermediate 10944, the
 others MoE with 64 routed experts of width 1408 and 2 shared ones, vocabulary 102400) and
 ``--layers`` layers (the real model has 27: 31 GB in bfloat16), random weights. It is written
@@ -48,7 +52,44 @@ import bdpass  # noqa: E402
 from _memory import reset_peak, status  # noqa: E402
 
 
-def config(layers: int) -> transformers.PretrainedConfig:
+class _Pair(torch.nn.Module):
+    """A rank-r linear as an SVD-compressed checkpoint stores it: ``u(v(x))``."""
+
+    def __init__(self, d_in: int, r: int, d_out: int):
+        super().__init__()
+        self.v_proj = torch.nn.Linear(d_in, r, bias=False)
+        self.u_proj = torch.nn.Linear(r, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u_proj(self.v_proj(x))
+
+
+class LowRankLlama(transformers.LlamaForCausalLM):
+    """A Llama whose attention and MLP linears are rank-50% pairs (PIFA's case)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, lin in list(parent.named_children()):
+                    if isinstance(lin, torch.nn.Linear):
+                        setattr(parent, name, _Pair(lin.in_features, min(lin.in_features, lin.out_features) // 2,
+                                                    lin.out_features))
+
+
+def model_class(family: str) -> Any:
+    return LowRankLlama if family == "lowrank_llama" else transformers.AutoModelForCausalLM
+
+
+def model_kwargs(family: str) -> dict:
+    return {} if family == "lowrank_llama" else {"experts_implementation": "eager"}
+
+
+def config(layers: int, family: str = "deepseek_v2_lite") -> transformers.PretrainedConfig:
+    if family == "lowrank_llama":       # Llama-2-7B's widths halved (hidden 2048, MLP 5504), 16 heads
+        return transformers.AutoConfig.for_model(
+            "llama", hidden_size=2048, intermediate_size=5504, num_attention_heads=16, num_key_value_heads=16,
+            num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
     return transformers.AutoConfig.for_model(
         "deepseek_v2", hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
         kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
@@ -58,14 +99,16 @@ def config(layers: int) -> transformers.PretrainedConfig:
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
-def write_checkpoint(path: str, layers: int, dtype: torch.dtype, shard_bytes: int = 5 * 10**9) -> None:
+def write_checkpoint(path: str, layers: int, dtype: torch.dtype, family: str = "deepseek_v2_lite",
+                     shard_bytes: int = 5 * 10**9) -> None:
     """The ``layers``-layer checkpoint, written shard by shard (see the module docstring)."""
     from safetensors.torch import save_file
 
     tmp = path + ".template"
     torch.manual_seed(0)
-    small = transformers.AutoModelForCausalLM.from_config(config(2), dtype=dtype,
-                                                          experts_implementation="eager").eval()
+    cls = model_class(family)
+    build = getattr(cls, "from_config", None) or cls._from_config
+    small = build(config(2, family), dtype=dtype, **model_kwargs(family)).eval()
     small.save_pretrained(tmp)
     del small
     template: dict[str, torch.Tensor] = {}
@@ -143,6 +186,8 @@ def folder_bytes(path: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--family", default="deepseek_v2_lite", choices=("deepseek_v2_lite", "lowrank_llama"),
+                   help="lowrank_llama: Llama widths (hidden 2048, MLP 5504) with every linear a rank-50%% pair")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--dir", default="/tmp/bdpass_pfs")
     p.add_argument("--tokens", type=int, default=16)
@@ -169,13 +214,13 @@ def main() -> None:
     print(env)
 
     t0 = time.perf_counter()
-    cfg = config(a.layers)
+    cfg = config(a.layers, a.family)
     if reuse:
         with open(os.path.join(src, "config.json")) as f:
             if json.load(f).get("num_hidden_layers") != a.layers:
                 raise SystemExit(f"{src} holds another number of layers: drop --reuse")
     else:
-        write_checkpoint(src, a.layers, dtype)
+        write_checkpoint(src, a.layers, dtype, a.family)
     write_s = time.perf_counter() - t0
     size = folder_bytes(src)
     print(f"checkpoint: {a.layers} layers, {size / 2**30:.2f} GiB, written in {write_s:.1f} s")
@@ -203,7 +248,7 @@ def main() -> None:
         peak_ok = reset_peak()
         t0 = time.perf_counter()
         rep = bdpass.prepare_folder(src, dst, {"cost_model": False}, tokens=a.tokens,
-                                    model_kwargs={"experts_implementation": "eager"})
+                                    model_class=model_class(a.family), model_kwargs=model_kwargs(a.family))
         subprocess.run(["sync"], check=False)
         preps.append(time.perf_counter() - t0)
         peaks.append(status("VmHWM") - rss0 if peak_ok else None)
@@ -235,7 +280,7 @@ def main() -> None:
     load_s = diff = same_tokens = None
     if not a.no_load:
         t0 = time.perf_counter()
-        prepared = transformers.AutoModelForCausalLM.from_pretrained(dst, experts_implementation="eager").eval()
+        prepared = model_class(a.family).from_pretrained(dst, **model_kwargs(a.family)).eval()
         load_s = time.perf_counter() - t0
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)
@@ -243,7 +288,7 @@ def main() -> None:
             lp = prepared(ids).logits.float()
             tok_p = prepared.generate(ids, max_new_tokens=6, do_sample=False)
         del prepared
-        original = transformers.AutoModelForCausalLM.from_pretrained(src, experts_implementation="eager").eval()
+        original = model_class(a.family).from_pretrained(src, **model_kwargs(a.family)).eval()
         with torch.no_grad():
             lo = original(ids).logits.float()
             tok_o = original.generate(ids, max_new_tokens=6, do_sample=False)

@@ -173,6 +173,7 @@ class Output:
         self.copied_bytes = 0
         self.jobs: list[tuple[str, str, float, float]] = []     # (kind, file, start, end), perf_counter
         self._waiting = 0
+        self._copies = 0            # copies queued or running
         self._cond = threading.Condition()
         self._jobs: list = []
         self._error: BaseException | None = None
@@ -209,6 +210,7 @@ class Output:
             del what
             with self._cond:
                 self._waiting -= size
+                self._copies -= kind == "copy"
                 self._cond.notify_all()
 
     def _put(self, job: Any) -> None:
@@ -231,7 +233,13 @@ class Output:
 
     def copy(self, path: str, names: list[str]) -> None:
         self._check()
+        with self._cond:
+            self._copies += 1
         self._put(("copy", path, list(names), 0))
+
+    def copying(self) -> bool:
+        """Whether a copy is queued or running (the kernel then needs a core)."""
+        return self._copies > 0
 
     def remove(self, path: str) -> None:
         """Remove ``path`` once what is queued before is written."""

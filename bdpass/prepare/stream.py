@@ -403,9 +403,9 @@ def prepare_folder(src: str, dst: str, options: Any = None, *, tokens: int = 16,
         structure = {m: dict(m._modules) for m in block.modules()}
         borrowed = {_storage_key(t) for t in kind.keep.values()} if kind is not None else None
         busy.append(path)
-        # a refit is small: one core is left to the kernel's copying (compute threads that wait on each
-        # other's barriers on an oversubscribed core slow it many times over)
-        torch.set_num_threads(threads if kind is None else max(1, threads - 1))
+        # while the kernel copies, a refit leaves it one core (compute threads that wait on each other's
+        # barriers on an oversubscribed core slow it many times over)
+        torch.set_num_threads(max(1, threads - 1) if kind is not None and output.copying() else threads)
         try:
             try:
                 _prepare(block, a, kw, opts, opts_block, True, shared, session, borrowed=borrowed)
