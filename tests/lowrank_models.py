@@ -18,6 +18,28 @@ class SvdLinear(nn.Module):
         return self.u_proj(self.v_proj(x))
 
 
+def to_pairs(layers) -> None:
+    """Every ``nn.Linear`` of the attention and MLP of transformers decoder ``layers`` made
+    a rank-50% :class:`SvdLinear` (a low-rank checkpoint of a custom class)."""
+    for layer in layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, nn.Linear):
+                    r = min(lin.in_features, lin.out_features) // 2
+                    setattr(parent, name, SvdLinear(lin.in_features, r, lin.out_features,
+                                                    bias_u=lin.bias is not None))
+
+
+def random_linears(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Every ``nn.Linear`` weight of ``model`` drawn with variance ``1 / in_features``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.in_features ** -0.5)
+    return model
+
+
 class AsvdLinear(nn.Module):
     """ASVD style: ``F.linear(F.linear(x, V), U) + bias``."""
 

@@ -17,12 +17,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 
 import bdpass
 from bdpass.prepare import hf_quantizer
 from helpers import first_tensor
-from lowrank_models import SvdLinear
+from lowrank_models import random_linears, to_pairs
 from zoo import build
 
 transformers = pytest.importorskip("transformers")
@@ -118,13 +117,7 @@ class LowRankLlama(transformers.LlamaForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        for layer in self.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, lin in list(parent.named_children()):
-                    if isinstance(lin, nn.Linear):
-                        r = min(lin.in_features, lin.out_features) // 2
-                        setattr(parent, name, SvdLinear(lin.in_features, r, lin.out_features,
-                                                        bias_u=lin.bias is not None))
+        to_pairs(self.model.layers)
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +128,7 @@ def lowrank(tmp_path_factory):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LowRankLlama(base.config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.in_features ** -0.5)
+    random_linears(model)
     original = copy.deepcopy(model)
     bdpass.prepare(model, *args, options=ALL, **kwargs)
     assert {e["kind"] for e in model.bdpass_report.edits} == {"pifa"}, str(model.bdpass_report)

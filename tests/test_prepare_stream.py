@@ -16,7 +16,7 @@ import bdpass
 from bdpass import cli
 from bdpass.prepare import stream
 from helpers import first_tensor, rel_l2, to64
-from lowrank_models import SvdLinear
+from lowrank_models import random_linears, to_pairs
 from test_hf_quantizer import LowRankLlama, assert_clean, generate, load
 from zoo import build
 
@@ -105,12 +105,7 @@ def test_lowrank_llama_folder_pifa(tmp_path):
     """A low-rank checkpoint of a custom class (every linear a rank-50% pair): PIFA."""
     base, _, _ = build("llama", layers=3)
     torch.manual_seed(0)
-    model = LowRankLlama(base.config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.in_features ** -0.5)
+    model = random_linears(LowRankLlama(base.config).eval())
     model.save_pretrained(tmp_path / "src")
     rep, prepared = _check(model, tmp_path / "src", tmp_path, cls=LowRankLlama)
     assert sum(isinstance(m, bdpass.PivotLinear) for m in prepared.modules()) > 0
@@ -122,13 +117,7 @@ class HalfLowRankLlama(transformers.LlamaForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        for layer in self.model.layers[1:]:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, lin in list(parent.named_children()):
-                    if isinstance(lin, torch.nn.Linear):
-                        r = min(lin.in_features, lin.out_features) // 2
-                        setattr(parent, name, SvdLinear(lin.in_features, r, lin.out_features,
-                                                        bias_u=lin.bias is not None))
+        to_pairs(self.model.layers[1:])
 
 
 def test_kinds_with_different_rewrites(tmp_path):
@@ -137,12 +126,7 @@ def test_kinds_with_different_rewrites(tmp_path):
     equals the in-memory preparation."""
     base, _, _ = build("llama", layers=4)
     torch.manual_seed(0)
-    model = HalfLowRankLlama(base.config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.in_features ** -0.5)
+    model = random_linears(HalfLowRankLlama(base.config).eval())
     model.save_pretrained(tmp_path / "src")
     rep, prepared = _check(model, tmp_path / "src", tmp_path, cls=HalfLowRankLlama, layers=4)
     kinds = [{e["kind"] for e in r.edits} for r in rep.blocks.values()]

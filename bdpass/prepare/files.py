@@ -169,7 +169,6 @@ class Output:
     def __init__(self, folder: Folder, hold: int = 2 << 30) -> None:
         self.folder = folder
         self.hold = hold
-        self.seconds = 0.0
         self.copied_bytes = 0
         self.jobs: list[tuple[str, str, float, float]] = []     # (kind, file, start, end), perf_counter
         self._waiting = 0
@@ -205,7 +204,6 @@ class Output:
                         self.copied_bytes += copy_tensors(self.folder, what, path)
                 except BaseException as e:      # re-raised by the next call, or close
                     self._error = e
-                self.seconds += time.perf_counter() - t0
                 self.jobs.append((kind, os.path.basename(path), t0, time.perf_counter()))
             del what
             with self._cond:
